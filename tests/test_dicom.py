@@ -1,0 +1,276 @@
+"""DicomTransport against real PACS servers (Orthanc and dcmtk's dcmqrscp) started on loopback.
+
+Each PACS gets one study with two series of the same number and description (names must be made
+safe and unique) and a second study without an accession number, stored with ``store(ds)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pacs import Pacs, available, dcmqrscp, free_port, make_series, orthanc
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom.association import Association
+
+from xnatfs.cache import Cache
+from xnatfs.transports import AssociationFailed, AssociationNotEstablished
+from xnatfs.transports.dicom import DicomTransport, parse_netloc
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVERS = {"orthanc": orthanc, "dcmqrscp": dcmqrscp}
+# dcmqrscp's index does not hold SeriesDescription, so C-FIND cannot return it there.
+SERIES_FOLDERS = {
+    "orthanc": ["7-T1_MPRAGE sag", "7-T1_MPRAGE sag~{digest}"],
+    "dcmqrscp": ["7", "7~{digest}"],
+}
+
+
+def dicom_transport(pacs: Pacs, cache_dir: Path | str, **opts: object) -> DicomTransport:
+    """Return a transport to ``pacs`` with its own cache folder and a 10 s timeout."""
+    options: dict[str, object] = {"cache_dir": str(cache_dir), "timeout": 10, **opts}
+    return DicomTransport(netloc=f"{pacs.aet}@{pacs.host}:{pacs.port}", root="/", opts=options)
+
+
+@pytest.fixture(scope="module", params=sorted(SERVERS))
+def stored(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pacs, list[Dataset]]]:
+    """Run one PACS, store the test data in it with ``store(ds)``; yield it and the datasets stored."""
+    if not available(request.param):
+        pytest.skip(f"{request.param} is not installed")
+    study_uid = generate_uid()
+    datasets = make_series(count=4, study_uid=study_uid)
+    datasets += make_series(count=2, study_uid=study_uid)  # same number and description
+    datasets += make_series(count=1, study_date="20230615", accession="", series_number=3, series_description="Loc")
+    with SERVERS[request.param](workdir=str(tmp_path_factory.mktemp(request.param))) as pacs:
+        transport = dicom_transport(pacs, tmp_path_factory.mktemp("cache"))
+        for ds in datasets:
+            assert transport.store(ds) == 0x0000
+        yield pacs, datasets
+
+
+@pytest.fixture
+def get_requests(monkeypatch: pytest.MonkeyPatch) -> list[Dataset]:
+    """Record every C-GET request sent by pynetdicom in this test (the identifiers)."""
+    sent: list[Dataset] = []
+    lock = threading.Lock()
+    original = Association.send_c_get
+
+    def counting(self: Association, dataset: Dataset, *args: object, **kwargs: object):  # noqa: ANN202
+        with lock:
+            sent.append(dataset)
+        return original(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_get", counting)
+    return sent
+
+
+def by_series(datasets: list[Dataset]) -> dict[str, list[Dataset]]:
+    series: dict[str, list[Dataset]] = {}
+    for ds in datasets:
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    return series
+
+
+def test_tree_shape_and_content(
+    stored: tuple[Pacs, list[Dataset]], tmp_path: Path, get_requests: list[Dataset]
+) -> None:
+    pacs, datasets = stored
+    transport = dicom_transport(pacs, tmp_path)
+    walked = list(transport.walk("/"))
+    print(f"\nmounted tree of {pacs.kind} (find):")
+    for root, _dirs, files in walked:
+        print(root)
+        for name in files:
+            print(f"{root}/{name}")
+    assert get_requests == [] and transport.retrieve_count == 0, "a listing must not retrieve pixel data"
+
+    tree = {root: (dirs, files) for root, dirs, files in walked}
+    assert tree["/"][0] == ["PAT-001"]
+    first_study = datasets[0].StudyInstanceUID
+    second_study = datasets[-1].StudyInstanceUID
+    assert sorted(tree["/PAT-001"][0]) == sorted([f"20230615-{second_study}", "20240131-ACC123"])
+    series_names = tree["/PAT-001/20240131-ACC123"][0]
+    assert len(series_names) == 2 and series_names[0] == SERIES_FOLDERS[pacs.kind][0]
+    assert series_names[1].startswith(SERIES_FOLDERS[pacs.kind][1].split("{")[0])
+    third = "3-Loc" if pacs.kind == "orthanc" else "3"
+    assert tree[f"/PAT-001/20230615-{second_study}"][0] == [third]
+
+    files = {f"{root}/{name}": root for root, _dirs, names in walked for name in names}
+    assert len(files) == len(datasets)
+    assert all(path.count("/") == 4 for path in files)
+    expected = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    assert {path.rsplit("/", 1)[1] for path in files} == {f"{uid}.dcm" for uid in expected}
+
+    for path in sorted(files):
+        with transport.open(path) as f:
+            ds = pydicom.dcmread(f)
+        original = expected[str(ds.SOPInstanceUID)]
+        assert path.endswith(f"/{original.SOPInstanceUID}.dcm")
+        assert ds.SeriesInstanceUID == original.SeriesInstanceUID
+        assert ds.StudyInstanceUID == first_study or ds.StudyInstanceUID == second_study
+        np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
+        assert transport.stat(path).size == os.path.getsize(transport.fetch(path))
+    # One C-GET per series, whatever the number of instances read.
+    assert len(get_requests) == transport.retrieve_count == len(by_series(datasets))
+    assert {str(r.SeriesInstanceUID) for r in get_requests} == set(by_series(datasets))
+
+
+def test_size_unknown_until_retrieved(stored: tuple[Pacs, list[Dataset]], tmp_path: Path) -> None:
+    pacs, datasets = stored
+    transport = dicom_transport(pacs, tmp_path)
+    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDERS[pacs.kind][0]
+    entries = transport.listdir(series_dir)
+    assert entries and all(e.size is None for e in entries)
+    assert "size unknown" in transport.info(f"{series_dir}/{entries[0].name}")
+    transport.fetch(f"{series_dir}/{entries[0].name}")
+    deadline = time.monotonic() + 10  # the rest of the series may still be arriving
+    while any(e.size is None for e in transport.listdir(series_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sizes = [e.size for e in transport.listdir(series_dir)]
+    assert all(size and size > 32 * 32 * 2 for size in sizes)
+    assert transport.retrieve_count == 1
+
+
+def test_concurrent_readers_make_one_retrieve(
+    stored: tuple[Pacs, list[Dataset]], tmp_path: Path, get_requests: list[Dataset]
+) -> None:
+    pacs, _datasets = stored
+    cache = Cache(str(tmp_path))
+    transport = dicom_transport(pacs, tmp_path, cache=cache)
+    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDERS[pacs.kind][0]
+    names = sorted(e.name for e in transport.listdir(series_dir))[:2]
+    barrier = threading.Barrier(8)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def read(name: str) -> None:
+        try:
+            barrier.wait(timeout=10)
+            with transport.open(f"{series_dir}/{name}") as f:
+                results.append(str(pydicom.dcmread(f).SOPInstanceUID))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=read, args=(names[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert sorted(results) == sorted(n.removesuffix(".dcm") for n in [names[0], names[1]] * 4)
+    assert len(get_requests) == 1 and transport.retrieve_count == 1
+
+    # Another transport (another mount) on the same cache folder retrieves nothing again.
+    other = dicom_transport(pacs, tmp_path, cache=Cache(str(tmp_path)))
+    with other.open(f"{series_dir}/{names[1]}") as f:
+        assert f.read(132)[128:] == b"DICM"
+    assert len(get_requests) == 1 and other.retrieve_count == 0
+
+
+def test_store_of_invalid_dataset_fails(stored: tuple[Pacs, list[Dataset]], tmp_path: Path) -> None:
+    pacs, datasets = stored
+    transport = dicom_transport(pacs, tmp_path)
+    # An SOP class no PACS knows: refused in negotiation.
+    unknown = _copy(datasets[0])
+    unknown.SOPClassUID = unknown.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.9.7433.99.1"
+    with pytest.raises(AssociationFailed, match="refused"):
+        transport.store(unknown)
+    # A dataset the PACS accepts in negotiation but rejects with a failure status.
+    bad = _copy(datasets[0])
+    if pacs.kind == "orthanc":
+        del bad.StudyInstanceUID  # Orthanc cannot index an instance without it
+    else:
+        bad.SOPClassUID = "1.2.840.10008.1.1"  # Verification: not a storage SOP class for dcmqrscp
+    with pytest.raises(AssociationFailed, match=r"failed with status 0x[0-9A-F]{4}"):
+        transport.store(bad)
+    with pytest.raises(ValueError):
+        transport.store(Dataset())
+
+
+def test_pacs_down(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    transport = DicomTransport(netloc=f"NOBODY@127.0.0.1:{port}", opts={"cache_dir": str(tmp_path), "timeout": 2})
+    with pytest.raises(AssociationNotEstablished):
+        transport.listdir("/")
+    with pytest.raises(AssociationNotEstablished):
+        transport.store(make_series(count=1)[0])
+    with pytest.raises(ConnectionError):  # AssociationNotEstablished is one
+        transport.listdir("/")
+
+
+def test_parse_netloc() -> None:
+    assert parse_netloc("PACS@host:4242") == ("PACS", "host", 4242)
+    assert parse_netloc("MY%20AE@10.0.0.1") == ("MY AE", "10.0.0.1", 104)
+    assert parse_netloc("AE@[::1]:11112") == ("AE", "::1", 11112)
+    for bad in ("host:104", "@host:104", "AE@", "AE@host:x", "A" * 17 + "@host"):
+        with pytest.raises(ValueError):
+            parse_netloc(bad)
+    assert DicomTransport.schemes == ["dicom"]
+
+
+def test_retrieve_time_vs_getscu(stored: tuple[Pacs, list[Dataset]], tmp_path: Path) -> None:
+    """Print how long one series takes through the transport and with dcmtk's getscu."""
+    pacs, datasets = stored
+    if shutil.which("getscu") is None:
+        pytest.skip("getscu is not installed")
+    series = datasets[:4]
+    transport = dicom_transport(pacs, tmp_path / "cache")
+    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDERS[pacs.kind][0]
+    paths = [f"{series_dir}/{e.name}" for e in transport.listdir(series_dir)]
+    start = time.perf_counter()
+    for path in paths:
+        transport.fetch(path)
+    ours = time.perf_counter() - start
+    out = tmp_path / "getscu"
+    out.mkdir()
+    start = time.perf_counter()
+    subprocess.run(getscu_command(pacs, series[0], out), check=True, capture_output=True, timeout=60)
+    theirs = time.perf_counter() - start
+    assert len(os.listdir(out)) == len(series)
+    print(f"\n{pacs.kind}: series of {len(series)} instances: transport {ours:.3f} s, getscu {theirs:.3f} s")
+
+
+def getscu_command(pacs: Pacs, ds: Dataset, out: Path | str) -> list[str]:
+    """Return the getscu command line that retrieves the series of ``ds`` from ``pacs`` into ``out``."""
+    return [
+        "getscu",
+        "-S",
+        "-aet",
+        "XNATFS",
+        "-aec",
+        pacs.aet,
+        "-ta",
+        "10",
+        "-td",
+        "10",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={ds.StudyInstanceUID}",
+        "-k",
+        f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+        pacs.host,
+        str(pacs.port),
+    ]
+
+
+def _copy(ds: Dataset) -> Dataset:
+    """Return a deep copy of ``ds`` with a new SOPInstanceUID."""
+    copy = deepcopy(ds)
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return copy

@@ -1,0 +1,160 @@
+"""The FUSE operations: a thin, read-only view of a transport.
+
+Every operation asks the transport (listings, attributes, content) and turns whatever goes
+wrong into one errno, logged once, in :func:`_errors`. No HTTP or ZIP details live here.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import mfusepy
+
+from xnatfs.exceptions import XnatfsError
+from xnatfs.transports.base import AbstractTransport, Entry
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def errno_of(error: BaseException) -> int:
+    """Return the errno a FUSE operation answers for ``error``."""
+    if isinstance(error, XnatfsError):
+        return error.errno
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    if isinstance(error, FileNotFoundError):
+        return errno.ENOENT
+    if isinstance(error, PermissionError):
+        return errno.EACCES
+    if isinstance(error, TimeoutError):
+        return errno.ETIMEDOUT
+    return errno.EIO
+
+
+def _errors(method: F) -> F:
+    """Turn exceptions of a FUSE operation into FuseOSError with the right errno, logged once."""
+
+    @functools.wraps(method)
+    def wrapper(self: Operations, path: str, *args: Any) -> Any:
+        try:
+            return method(self, path, *args)
+        except mfusepy.FuseOSError:
+            raise
+        except Exception as error:
+            code = errno_of(error)
+            if code == errno.ENOENT:
+                log.debug("%s %s: %s", method.__name__, path, error)
+            else:
+                log.error("%s %s: %s", method.__name__, path, error or type(error).__name__)
+            raise mfusepy.FuseOSError(code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Operations(mfusepy.Operations):
+    """Read-only FUSE operations over a transport.
+
+    ``ttl`` is how long the kernel may keep attributes, names and negative lookups (seconds).
+    """
+
+    use_ns = True
+
+    def __init__(self, transport: AbstractTransport, ttl: float = 60.0) -> None:
+        self.transport = transport
+        self.ttl = ttl
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.mounted_at = time.time()
+        self.on_ready: Callable[[], None] | None = None
+        # Identifies this source in inode numbers, so two sources never share one.
+        self._ino_salt = str(transport.opts.get("url", transport.name)).encode()
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.use_ino = 1
+            config.entry_timeout = self.ttl
+            config.attr_timeout = self.ttl
+            config.negative_timeout = self.ttl
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _attrs(self, entry: Entry) -> dict[str, Any]:
+        mtime_ns = int((entry.mtime or self.mounted_at) * 1e9)
+        size = entry.size or 0
+        return {
+            "st_mode": entry.mode,
+            "st_ino": self._ino(entry),
+            "st_nlink": 2 if entry.is_dir else 1,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_size": 4096 if entry.is_dir else size,
+            "st_blocks": 0 if entry.is_dir else (size + 511) // 512,
+            "st_blksize": 1 << 17,
+            "st_mtime": mtime_ns,
+            "st_ctime": mtime_ns,
+            "st_atime": mtime_ns,
+        }
+
+    def _ino(self, entry: Entry) -> int:
+        if entry.key == "/":
+            return 1
+        digest = hashlib.blake2b(entry.key.encode("utf-8", "surrogateescape"), digest_size=8, key=self._ino_salt[:64])
+        return (int.from_bytes(digest.digest(), "little") >> 1) | 2  # never 0 or 1 (the root)
+
+    @_errors
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        return self._attrs(self.transport.stat(path))
+
+    @_errors
+    def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
+        # With use_ino, every entry needs its inode number: readdir(3) skips entries with inode 0.
+        here = {"st_mode": stat.S_IFDIR | 0o555, "st_ino": self._ino(self.transport.stat(path))}
+        entries = [(".", here, 0), ("..", {"st_mode": stat.S_IFDIR | 0o555, "st_ino": 1}, 0)]
+        for entry in self.transport.listdir(path):
+            entries.append((entry.name, {"st_mode": entry.mode, "st_ino": self._ino(entry)}, 0))
+        return entries
+
+    @_errors
+    def open(self, path: str, fi: Any) -> int:
+        if fi.flags & WRITE_FLAGS:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        fi.fh = self.transport.open_fd(path)
+        fi.keep_cache = 1  # the content of a path does not change while it is cached
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        try:
+            return os.pread(fi.fh, size, offset)
+        except OSError as error:
+            log.error("read %s: %s", path, error)
+            raise mfusepy.FuseOSError(error.errno or errno.EIO) from None
+
+    def release(self, path: str, fi: Any) -> int:
+        os.close(fi.fh)
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 1 << 17, "f_frsize": 1 << 17, "f_namemax": 255}
+
+    def access(self, path: str, amode: int) -> int:
+        if amode & os.W_OK:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        return 0
+
+    # Everything that would change the tree: a read-only file system.
+    def _read_only(self, *args: Any) -> int:
+        raise mfusepy.FuseOSError(errno.EROFS)
+
+    create = mkdir = rmdir = unlink = rename = symlink = link = _read_only
+    chmod = chown = truncate = write = utimens = setxattr = removexattr = _read_only

@@ -1,0 +1,153 @@
+"""Mounting and unmounting: checks, the daemon, and cleaning up dead mounts.
+
+``xnatfs mount`` without ``-f`` starts the daemon (this module, in foreground mode) as a child
+process and returns once the child says the mount is live, or prints the child's one-line error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+import mfusepy
+
+from xnatfs.exceptions import XnatfsError
+from xnatfs.fuse_ops import Operations
+from xnatfs.transports.base import AbstractTransport
+
+log = logging.getLogger(__name__)
+
+
+class MountError(XnatfsError):
+    """A mount could not be made, or unmade."""
+
+
+def mounted_paths() -> set[str]:
+    """Return the mount points of this machine, dead FUSE mounts included."""
+    points = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            # Field 5 is the mount point, with spaces and the like escaped as octal.
+            points.add(fields[4].encode().decode("unicode_escape"))
+    return points
+
+
+def is_mounted(path: str) -> bool:
+    """Return True if ``path`` is a mount point (also when its daemon has died)."""
+    return os.path.abspath(path) in mounted_paths()
+
+
+def check_mountpoint(path: str) -> str:
+    """Return ``path`` made absolute if a mount can go there; raise MountError saying why not."""
+    path = os.path.abspath(path)
+    if is_mounted(path):
+        raise MountError(f"{path}: already mounted (xnatfs umount {path} to unmount it)")
+    if not os.path.exists(path):
+        raise MountError(f"{path}: mount point does not exist")
+    if not os.path.isdir(path):
+        raise MountError(f"{path}: mount point is not a folder")
+    if os.listdir(path):
+        raise MountError(f"{path}: mount point is not empty")
+    return path
+
+
+def run(
+    transport: AbstractTransport,
+    mountpoint: str,
+    ttl: float = 60.0,
+    fuse_options: dict[str, str | bool] | None = None,
+    ready_fd: int | None = None,
+) -> None:
+    """Mount ``transport`` at ``mountpoint`` and serve until unmounted (or SIGINT/SIGTERM).
+
+    Writes ``ok`` to ``ready_fd`` once the mount is live. Raises MountError if mounting fails.
+    """
+    operations = Operations(transport, ttl=ttl)
+    if ready_fd is not None:
+
+        def ready() -> None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+        operations.on_ready = ready
+    options: dict[str, str | bool] = {"fsname": f"xnatfs:{transport.name}", "subtype": "xnatfs"}
+    options.update(fuse_options or {})
+    options["ro"] = True
+    log.info("mounting %s at %s", transport.opts.get("url", transport.name), mountpoint)
+    try:
+        mfusepy.FUSE(operations, mountpoint, foreground=True, raw_fi=True, **options)
+    except RuntimeError as error:
+        raise MountError(f"{mountpoint}: mount failed ({error}); see the log for the cause") from None
+    finally:
+        transport.close()
+    log.info("unmounted %s", mountpoint)
+
+
+def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> None:
+    """Run ``xnatfs ARGV --ready-fd N`` as a detached daemon and wait until its mount is live.
+
+    The daemon's output goes to ``log_file``. Raises MountError with the daemon's own message
+    if it exits or says nothing within ``timeout`` seconds.
+    """
+    read_fd, write_fd = os.pipe()
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    with open(log_file, "ab") as log_out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "xnatfs", *argv, "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_out,
+            stderr=log_out,
+            env=env,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    message = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([read_fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(read_fd, 4096)
+                if not chunk:
+                    break
+                message += chunk
+                if message.endswith(b"\n"):
+                    break
+            elif child.poll() is not None:
+                break
+    finally:
+        os.close(read_fd)
+    text = message.decode(errors="replace").strip()
+    if text == "ok":
+        return
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    raise MountError(text or f"the mount did not come up within {timeout:.0f} s (log: {log_file})")
+
+
+def umount(mountpoint: str) -> None:
+    """Unmount ``mountpoint``, also when its daemon was killed. Raises MountError."""
+    path = os.path.abspath(mountpoint)
+    if not is_mounted(path):
+        raise MountError(f"{path}: not mounted")
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    attempts = [[fusermount, "-u", path], [fusermount, "-uz", path]] if fusermount else []
+    attempts.append(["umount", "-l", path])
+    errors = []
+    for command in attempts:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        if result.returncode == 0 and not is_mounted(path):
+            return
+        errors.append(result.stderr.strip())
+    raise MountError(f"{path}: could not unmount: {errors[-1] if errors else 'no unmount tool'}")

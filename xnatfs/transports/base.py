@@ -1,0 +1,341 @@
+"""The transport interface: a few primitives per source, everything else derived here once.
+
+A transport presents a source (an XNAT server, a local folder, a DICOM PACS) as a tree of folders
+and files. Writing one means implementing two primitives:
+
+* :meth:`AbstractTransport._list` -- the entries of one folder, with sizes and dates;
+* :meth:`AbstractTransport._fetch` -- a local path holding one file's complete content.
+
+The base class derives from them, with caching, everything the mount, the download API and the
+CLI use: :meth:`listdir`, :meth:`stat`, :meth:`exists`, :meth:`isfile`, :meth:`isdir`,
+:meth:`walk`, :meth:`info`, :meth:`open` and :meth:`fetch`.
+
+Paths are tree paths: absolute, ``/``-separated, as seen on the mount (``/P/S/E/scans``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import stat as stat_module
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, ClassVar
+
+from cachetools import LRUCache, TTLCache
+
+from xnatfs.exceptions import XnatfsError
+
+log = logging.getLogger(__name__)
+
+
+class NoOtherInstance(Exception):
+    """Raised where a transport allows a single instance and another one exists."""
+
+
+class RootIsNotDirectory(XnatfsError, NotADirectoryError):
+    """The root of a transport opened with ``read_directory_only`` is not a folder."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "root is not a directory"
+
+
+class AssociationNotEstablished(XnatfsError, ConnectionError):
+    """A DICOM association could not be established (peer down, rejected, timed out)."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "association not established"
+
+
+class AssociationFailed(XnatfsError):
+    """A DICOM operation ended with a failure status (or the association broke during it)."""
+
+
+# Names that file managers and shells probe for in every folder. They never exist in an archive,
+# so they are answered ENOENT without asking the source.
+PROBE_NAMES = frozenset(
+    {
+        ".hidden",
+        ".DS_Store",
+        "._.DS_Store",
+        "desktop.ini",
+        "Desktop.ini",
+        "autorun.inf",
+        "Thumbs.db",
+        ".directory",
+        ".localized",
+        ".git",
+        ".svn",
+        ".hg",
+        ".xdg-volume-info",
+        ".Spotlight-V100",
+        ".metadata_never_index",
+        ".ql_disablethumbnails",
+        ".ql_disablecache",
+    }
+)
+PROBE_PREFIXES = (".Trash", "._", ".~lock.", ".goutputstream")
+
+
+def is_probe_name(name: str) -> bool:
+    """Return True for a name that file managers probe for and that no archive holds."""
+    return name in PROBE_NAMES or name.startswith(PROBE_PREFIXES)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One folder or file of a transport's tree.
+
+    ``size`` is the file size in bytes (``None`` while unknown, e.g. a PACS series not yet
+    retrieved); ``mtime`` seconds since the epoch; ``key`` a stable identity from the source
+    (server IDs) used for inode numbers; ``ref`` whatever the transport needs to find the object
+    again (not shown to users).
+    """
+
+    name: str
+    is_dir: bool
+    size: int | None = 0
+    mtime: float = 0.0
+    key: str = ""
+    ref: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def mode(self) -> int:
+        """Return ``st_mode`` for a read-only entry."""
+        return (stat_module.S_IFDIR | 0o555) if self.is_dir else (stat_module.S_IFREG | 0o444)
+
+
+ROOT = Entry(name="", is_dir=True, key="/")
+
+
+class AbstractTransport:
+    """Base class of every transport.
+
+    Subclasses set the plug-in metadata (``name``, ``description``, ``authors``, ``version``,
+    ``url``, ``schemes``) and implement :meth:`_list` and :meth:`_fetch`; a writable transport
+    also implements :meth:`_open_write`.
+
+    Options (``opts``) understood by every transport: ``ttl`` (seconds a listing is trusted,
+    default 60), ``listing_cache_size`` (folders kept, default 100,000).
+    """
+
+    name: ClassVar[str] = "abstract"
+    description: ClassVar[str] = ""
+    authors: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+    url: ClassVar[str] = ""
+    schemes: ClassVar[list[str]] = []
+
+    def __init__(
+        self,
+        netloc: str | None = None,
+        root: str | None = None,
+        mode: str = "r",
+        read_directory_only: bool = False,
+        opts: dict[str, Any] | None = None,
+    ) -> None:
+        self.netloc = netloc
+        self.root = root
+        self.mode = mode
+        self.read_directory_only = read_directory_only
+        self.opts = dict(opts or {})
+        ttl = float(self.opts.get("ttl", 60))
+        size = int(self.opts.get("listing_cache_size", 100_000))
+        # Fresh listings (trusted for ttl seconds) and the last listing of every folder, which is
+        # served when the source cannot be reached: a cached tree stays browsable offline.
+        self._fresh: TTLCache[str, dict[str, Entry]] = TTLCache(maxsize=size, ttl=ttl)
+        self._last: LRUCache[str, dict[str, Entry]] = LRUCache(maxsize=size)
+        self._lock = threading.Lock()
+        self._listing_locks: dict[str, threading.Lock] = {}
+
+    # -- primitives ---------------------------------------------------------------------------
+
+    def _list(self, path: str) -> list[Entry]:
+        """Return the entries of folder ``path``.
+
+        Raises FileNotFoundError (or :class:`~xnatfs.exceptions.NotFoundError`) if it does not
+        exist, other :class:`~xnatfs.exceptions.XnatfsError` subclasses when the source fails.
+        """
+        raise NotImplementedError
+
+    def _fetch(self, path: str, entry: Entry) -> str:
+        """Return the path of a local file holding the complete content of file ``path``.
+
+        ``entry`` is the file's entry from its folder's listing. May block until the content has
+        arrived; must never return a partial file.
+        """
+        raise NotImplementedError
+
+    def _open_write(self, path: str, mode: str) -> IO[bytes]:
+        """Return a writable file for ``path``; subclasses that can write implement it."""
+        raise PermissionError(f"{self.name} transport is read-only")
+
+    def close(self) -> None:
+        """Release connections and other resources held by the transport."""
+
+    # -- derived ------------------------------------------------------------------------------
+
+    def listdir(self, path: str = "/") -> list[Entry]:
+        """Return the entries of folder ``path`` (cached for ``ttl`` seconds).
+
+        Concurrent calls for one folder make one request. When the source cannot be reached, the
+        last listing of the folder is returned if there is one.
+        """
+        return list(self._listing(normpath(path)).values())
+
+    def stat(self, path: str) -> Entry:
+        """Return the entry of ``path``, from its parent's listing. Raises FileNotFoundError."""
+        path = normpath(path)
+        if path == "/":
+            return ROOT
+        parent, name = posixpath.split(path)
+        if is_probe_name(name):
+            raise FileNotFoundError(path)
+        parent_entry = self.stat(parent)
+        if not parent_entry.is_dir:
+            raise NotADirectoryError(parent)
+        entry = self._listing(parent).get(name)
+        if entry is None:
+            raise FileNotFoundError(path)
+        return entry
+
+    def exists(self, path: str) -> bool:
+        """Return True if ``path`` is a folder or file of the tree."""
+        try:
+            self.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    def isfile(self, path: str) -> bool:
+        """Return True if ``path`` is a file."""
+        try:
+            return not self.stat(path).is_dir
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def isdir(self, path: str) -> bool:
+        """Return True if ``path`` is a folder."""
+        try:
+            return self.stat(path).is_dir
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def walk(self, top: str = "/") -> Iterator[tuple[str, list[str], list[str]]]:
+        """Yield ``(root, dirs, files)`` for every folder below ``top``, top-down, like ``os.walk``.
+
+        Removing names from ``dirs`` prunes the walk.
+        """
+        top = normpath(top)
+        entries = self.listdir(top)
+        dirs = [e.name for e in entries if e.is_dir]
+        files = [e.name for e in entries if not e.is_dir]
+        yield top, dirs, files
+        for name in dirs:
+            yield from self.walk(posixpath.join(top, name))
+
+    def info(self, path: str) -> str:
+        """Return a one-line description of ``path``."""
+        entry = self.stat(path)
+        if entry.is_dir:
+            return f"{path}: folder"
+        size = "size unknown" if entry.size is None else f"{entry.size} bytes"
+        return f"{path}: file, {size}"
+
+    def fetch(self, path: str) -> str:
+        """Return the path of a local file with the complete content of ``path``.
+
+        Raises FileNotFoundError, IsADirectoryError, or an XnatfsError with the cause.
+        """
+        path = normpath(path)
+        entry = self.stat(path)
+        if entry.is_dir:
+            raise IsADirectoryError(path)
+        return self._fetch(path, entry)
+
+    def open_fd(self, path: str) -> int:
+        """Return a file descriptor open for reading the complete content of ``path``.
+
+        Retries when the content moved between fetch and open (a cache entry being published).
+        """
+        for attempt in range(3):
+            local = self.fetch(path)
+            try:
+                return os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def open(self, path: str, mode: str = "r") -> IO[bytes]:
+        """Open ``path`` in binary ``mode``: ``r`` reads; ``w``, ``x`` and ``a`` write where supported."""
+        base = mode.replace("b", "")
+        if base == "r":
+            return io.FileIO(self.open_fd(path), "r", closefd=True)
+        if base in ("w", "x", "a"):
+            if "r" in self.mode and not any(m in self.mode for m in "wxa"):
+                raise PermissionError(f"{self.name} transport opened read-only (mode {self.mode!r})")
+            stream = self._open_write(normpath(path), base)
+            self.invalidate(posixpath.dirname(normpath(path)))
+            return stream
+        raise ValueError(f"unsupported mode {mode!r}")
+
+    def invalidate(self, path: str | None = None) -> None:
+        """Forget the cached listing of folder ``path`` (of every folder when None)."""
+        with self._lock:
+            if path is None:
+                self._fresh.clear()
+            else:
+                self._fresh.pop(normpath(path), None)
+
+    # -- listing cache ------------------------------------------------------------------------
+
+    def _listing(self, path: str) -> dict[str, Entry]:
+        with self._lock:
+            cached = self._fresh.get(path)
+            if cached is not None:
+                return cached
+            folder_lock = self._listing_locks.setdefault(path, threading.Lock())
+        with folder_lock:
+            with self._lock:
+                cached = self._fresh.get(path)
+                if cached is not None:
+                    return cached
+            try:
+                entries = self._list(path)
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                raise
+            except (XnatfsError, ConnectionError, TimeoutError) as error:
+                with self._lock:
+                    stale = self._last.get(path)
+                if stale is None:
+                    raise
+                log.warning("%s: serving the last listing, the source failed: %s", path, error)
+                return stale
+            listing = {e.name: e for e in entries}
+            with self._lock:
+                self._fresh[path] = listing
+                self._last[path] = listing
+                self._listing_locks.pop(path, None)
+            return listing
+
+    def __enter__(self) -> AbstractTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def normpath(path: str) -> str:
+    """Return ``path`` as an absolute tree path without ``.``/``..``/duplicate separators."""
+    path = posixpath.normpath("/" + path.lstrip("/"))
+    return "/" if path in ("/", "//") else path

@@ -7,7 +7,9 @@ safe and unique) and a second study without an accession number, stored with ``s
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -20,8 +22,15 @@ import pydicom
 import pytest
 from pacs import Pacs, available, dcmqrscp, free_port, make_series, orthanc
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
 from xnatfs.cache import Cache
 from xnatfs.transports import AssociationFailed, AssociationNotEstablished
@@ -31,10 +40,8 @@ pytestmark = pytest.mark.timeout(120)
 
 SERVERS = {"orthanc": orthanc, "dcmqrscp": dcmqrscp}
 # dcmqrscp's index does not hold SeriesDescription, so C-FIND cannot return it there.
-SERIES_FOLDERS = {
-    "orthanc": ["7-T1_MPRAGE sag", "7-T1_MPRAGE sag~{digest}"],
-    "dcmqrscp": ["7", "7~{digest}"],
-}
+# The second series of the same label gets "~{digest of the original}" appended.
+SERIES_FOLDER = {"orthanc": "7-T1_MPRAGE sag", "dcmqrscp": "7"}
 
 
 def dicom_transport(pacs: Pacs, cache_dir: Path | str, **opts: object) -> DicomTransport:
@@ -68,7 +75,9 @@ def get_requests(monkeypatch: pytest.MonkeyPatch) -> list[Dataset]:
     lock = threading.Lock()
     original = Association.send_c_get
 
-    def counting(self: Association, dataset: Dataset, *args: object, **kwargs: object):  # noqa: ANN202
+    def counting(
+        self: Association, dataset: Dataset, *args: object, **kwargs: object
+    ) -> Iterator[tuple[Dataset, Dataset | None]]:
         with lock:
             sent.append(dataset)
         return original(self, dataset, *args, **kwargs)
@@ -103,8 +112,8 @@ def test_tree_shape_and_content(
     second_study = datasets[-1].StudyInstanceUID
     assert sorted(tree["/PAT-001"][0]) == sorted([f"20230615-{second_study}", "20240131-ACC123"])
     series_names = tree["/PAT-001/20240131-ACC123"][0]
-    assert len(series_names) == 2 and series_names[0] == SERIES_FOLDERS[pacs.kind][0]
-    assert series_names[1].startswith(SERIES_FOLDERS[pacs.kind][1].split("{")[0])
+    assert len(series_names) == 2 and series_names[0] == SERIES_FOLDER[pacs.kind]
+    assert re.fullmatch(re.escape(SERIES_FOLDER[pacs.kind]) + "~[0-9a-f]{8}", series_names[1])
     third = "3-Loc" if pacs.kind == "orthanc" else "3"
     assert tree[f"/PAT-001/20230615-{second_study}"][0] == [third]
 
@@ -131,7 +140,7 @@ def test_tree_shape_and_content(
 def test_size_unknown_until_retrieved(stored: tuple[Pacs, list[Dataset]], tmp_path: Path) -> None:
     pacs, datasets = stored
     transport = dicom_transport(pacs, tmp_path)
-    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDERS[pacs.kind][0]
+    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDER[pacs.kind]
     entries = transport.listdir(series_dir)
     assert entries and all(e.size is None for e in entries)
     assert "size unknown" in transport.info(f"{series_dir}/{entries[0].name}")
@@ -150,7 +159,7 @@ def test_concurrent_readers_make_one_retrieve(
     pacs, _datasets = stored
     cache = Cache(str(tmp_path))
     transport = dicom_transport(pacs, tmp_path, cache=cache)
-    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDERS[pacs.kind][0]
+    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDER[pacs.kind]
     names = sorted(e.name for e in transport.listdir(series_dir))[:2]
     barrier = threading.Barrier(8)
     results: list[str] = []
@@ -161,7 +170,7 @@ def test_concurrent_readers_make_one_retrieve(
             barrier.wait(timeout=10)
             with transport.open(f"{series_dir}/{name}") as f:
                 results.append(str(pydicom.dcmread(f).SOPInstanceUID))
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:  # reported by the main thread below
             errors.append(error)
 
     threads = [threading.Thread(target=read, args=(names[i % 2],)) for i in range(8)]
@@ -228,7 +237,7 @@ def test_retrieve_time_vs_getscu(stored: tuple[Pacs, list[Dataset]], tmp_path: P
         pytest.skip("getscu is not installed")
     series = datasets[:4]
     transport = dicom_transport(pacs, tmp_path / "cache")
-    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDERS[pacs.kind][0]
+    series_dir = "/PAT-001/20240131-ACC123/" + SERIES_FOLDER[pacs.kind]
     paths = [f"{series_dir}/{e.name}" for e in transport.listdir(series_dir)]
     start = time.perf_counter()
     for path in paths:
@@ -274,3 +283,74 @@ def _copy(ds: Dataset) -> Dataset:
     copy = deepcopy(ds)
     copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     return copy
+
+
+def test_pacs_that_never_answers(tmp_path: Path) -> None:
+    """A peer that accepts the TCP connection but never answers: bounded by the timeout."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        transport = DicomTransport(netloc=f"MUTE@127.0.0.1:{port}", opts={"cache_dir": str(tmp_path), "timeout": 2})
+        with pytest.raises(AssociationNotEstablished):
+            transport.listdir("/")
+
+
+@pytest.fixture
+def failing_scp() -> Iterator[tuple[int, dict[str, int]]]:
+    """Run a pynetdicom query/retrieve SCP whose answers are set per test: yield its port and settings.
+
+    ``settings["find"]`` is the final C-FIND status at the IMAGE level, ``settings["get"]`` the
+    C-GET status; the other levels answer one patient, study and series.
+    """
+    settings = {"find": 0x0000, "get": 0x0000}
+
+    def on_find(event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        level = event.identifier.QueryRetrieveLevel
+        if level == "IMAGE" and settings["find"]:
+            yield settings["find"], None
+            return
+        answer = Dataset()
+        answer.QueryRetrieveLevel = level
+        answer.PatientID = "P"
+        answer.StudyInstanceUID = "1.2.3"
+        answer.StudyDate = "20240101"
+        answer.SeriesInstanceUID = "1.2.3.4"
+        answer.SeriesNumber = 1
+        answer.SOPInstanceUID = "1.2.3.4.5"
+        answer.SOPClassUID = MRImageStorage
+        yield 0xFF00, answer
+
+    def on_get(event: Event) -> Iterator[int | tuple[int, Dataset | None]]:
+        yield 1
+        yield settings["get"], None
+
+    ae = AE(ae_title="FAKE")
+    for model in (
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+    ):
+        ae.add_supported_context(model)
+    ae.add_supported_context(MRImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)]
+    )
+    try:
+        yield port, settings
+    finally:
+        server.shutdown()
+
+
+def test_failure_statuses_raise(failing_scp: tuple[int, dict[str, int]], tmp_path: Path) -> None:
+    port, settings = failing_scp
+    transport = DicomTransport(netloc=f"FAKE@127.0.0.1:{port}", opts={"cache_dir": str(tmp_path), "timeout": 5})
+    series = "/P/20240101-1.2.3/1"
+    assert [root for root, _d, _f in transport.walk("/")][-1] == series
+    settings["get"] = 0xA702
+    with pytest.raises(AssociationFailed, match="0xA702"):
+        transport.open(f"{series}/1.2.3.4.5.dcm")
+    settings["find"] = 0xC123
+    with pytest.raises(AssociationFailed, match="0xC123"):
+        DicomTransport(netloc=f"FAKE@127.0.0.1:{port}", opts={"cache_dir": str(tmp_path)}).listdir(series)

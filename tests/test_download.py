@@ -11,8 +11,8 @@ import time
 
 import pytest
 import requests
-
 from mounting import xnatfs
+
 from xnatfs import download
 from xnatfs.cache import Cache
 from xnatfs.exceptions import (
@@ -91,10 +91,18 @@ def test_download_and_unzip_images_errors(server, hub):
     with pytest.raises(NotFoundError):
         run(download.download_and_unzip_images(project["secondary_ID"], "NO_SUCH", "u", "scan", "DICOM", headers))
     with pytest.raises(NotFoundError):
-        run(download.download_and_unzip_images(project["secondary_ID"], experiment["label"], "u", "scan", "NOPE", headers))
+        run(
+            download.download_and_unzip_images(
+                project["secondary_ID"], experiment["label"], "u", "scan", "NOPE", headers
+            )
+        )
     for bad in ("../x", "..", "a/b", ""):
         with pytest.raises(ValueError):
-            run(download.download_and_unzip_images(project["secondary_ID"], experiment["label"], bad, "scan", "DICOM", headers))
+            run(
+                download.download_and_unzip_images(
+                    project["secondary_ID"], experiment["label"], bad, "scan", "DICOM", headers
+                )
+            )
     with pytest.raises(ValueError):
         run(download.download_and_unzip_images(project["secondary_ID"], "../../etc", "u", "scan", "DICOM", headers))
 
@@ -125,9 +133,13 @@ def test_download_file_streams_and_leaves_nothing_on_failure(server, hub, tmp_pa
     project, experiment = hub
     subject = rows(server, f"/data/projects/{project['ID']}/subjects")
     subject_id = next(
-        s["ID"] for s in subject
-        if any(e["ID"] == experiment["ID"] for e in rows(server, f"/data/projects/{project['ID']}/subjects/{s['ID']}/experiments"))
-    )  # fmt: skip
+        s["ID"]
+        for s in subject
+        if any(
+            e["ID"] == experiment["ID"]
+            for e in rows(server, f"/data/projects/{project['ID']}/subjects/{s['ID']}/experiments")
+        )
+    )
     url = download.format_download_url(project["ID"], subject_id, experiment["ID"], "scan", "DICOM")
     dest = str(tmp_path / "d.zip")
     assert download.download_file(url, dest, auth_headers(server)) == dest

@@ -296,3 +296,28 @@ def test_cache_survives_and_respects_size_cap(server, env, mnt, cache_dir):
     assert entries, "the cache keeps the resource after unmount"
     assert oct(os.stat(cache_dir).st_mode & 0o777) == "0o700"
     shutil.rmtree(cache_dir)
+
+
+def test_hostile_names_are_made_safe_and_hostile_zips_give_eio(tmp_path):
+    from hostile_server import HostileServer
+
+    mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
+    env = dict(os.environ, XNAT_USER="u", XNAT_PASS="p")
+    before = set(os.listdir(tmp_path)) | {"mnt", "cache", "mount-mnt.log"}
+    with HostileServer() as server, mounted(server.url, mnt, cache, env):
+        assert sorted(os.listdir(mnt)) == ["P", "_..", "a_b"]
+        assert sorted(os.listdir(f"{mnt}/P")) == [".._.._etc", "ok"]
+        scans = f"{mnt}/P/ok/E/scans"
+        assert sorted(os.listdir(scans)) == ["1-a____b", "2-clean"]
+        files = sorted(os.listdir(f"{scans}/1-a____b/resources/DICOM/files"))
+        assert "ok.dcm" in files and "bad_name" in files and all("/" not in f for f in files)
+        outcome, _ = _read_in_subprocess(f"{scans}/1-a____b/resources/DICOM/files/ok.dcm", limit=30)
+        assert outcome == str(errno.EIO)
+        with open(f"{scans}/2-clean/resources/DICOM/files/good.dcm", "rb") as f:
+            assert f.read() == b"fine!"
+    assert set(os.listdir(tmp_path)) <= before
+    published = [name for _root, _dirs, files in os.walk(cache) for name in files if name.endswith(".json")]
+    assert len(published) == 1, "only the clean resource is in the cache"
+    for folder, _dirs, names in os.walk(tmp_path):
+        assert "escape.txt" not in names, folder
+    assert not os.path.exists("/escape.txt") and not os.path.exists(os.path.join(os.path.dirname(cache), "escape.txt"))

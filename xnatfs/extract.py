@@ -62,7 +62,8 @@ _LOCAL_SIGNATURE = b"PK\x03\x04"
 # What may follow the last entry: the central directory, or (no entries) an end record.
 _DIRECTORY_SIGNATURES = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")
 _END_SIGNATURE = b"PK\x05\x06"
-_END_SEARCH_BYTES = 22 + 65535  # an end record and the longest comment
+_END_RECORD_SIZE = 22
+_END_SEARCH_BYTES = _END_RECORD_SIZE + 65535  # an end record and the longest comment
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _ZIP64_EXTRA = 0x0001
 _ZIP64_MARK = 0xFFFFFFFF
@@ -876,10 +877,12 @@ class _SpoolView:
 
 
 def _has_end_record(spool: BinaryIO) -> bool:
-    """Whether an end-of-central-directory signature is where zipfile will look for one."""
+    """Whether a whole end-of-central-directory record is where zipfile will look for one."""
     size = spool.seek(0, os.SEEK_END)
     spool.seek(max(0, size - _END_SEARCH_BYTES))
-    return _END_SIGNATURE in spool.read()
+    tail = spool.read()
+    found = tail.rfind(_END_SIGNATURE)
+    return found >= 0 and len(tail) - found >= _END_RECORD_SIZE
 
 
 # -- small helpers ---------------------------------------------------------------------------------------

@@ -129,8 +129,13 @@ class Operations(mfusepy.Operations):
     def open(self, path: str, fi: Any) -> int:
         if fi.flags & WRITE_FLAGS:
             raise mfusepy.FuseOSError(errno.EROFS)
+        size_known = self.transport.stat(path).size is not None
         fi.fh = self.transport.open_fd(path)
-        fi.keep_cache = 1  # the content of a path does not change while it is cached
+        if size_known:
+            fi.keep_cache = 1  # the content of a path does not change while it is cached
+        else:
+            # The kernel was told size 0 (a PACS series not fetched yet): bypass its idea of the size.
+            fi.direct_io = 1
         return 0
 
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:

@@ -181,7 +181,11 @@ def run_all(server: ServerProcess, work: str, args) -> None:
 
     t_lib = median_time(library, args.repeat)
     t_lib_first = statistics.median(first_member)
-    row("download+extract vs curl+unzip (library, time ratio)", f"{t_lib / t_curl:.2f}  ({mb / t_lib:.0f} vs {mb / t_curl:.0f} MB/s)", "<= 1.0")  # noqa: E501
+    row(
+        "download+extract vs curl+unzip (library, time ratio)",
+        f"{t_lib / t_curl:.2f}  ({mb / t_lib:.0f} vs {mb / t_curl:.0f} MB/s)",
+        "<= 1.0",
+    )  # noqa: E501
     row("first member available / whole download (library)", f"{t_lib_first / t_lib:.3f}", "<= 0.1")
 
     # 2. Through the mount.
@@ -203,8 +207,16 @@ def run_all(server: ServerProcess, work: str, args) -> None:
         if i < args.repeat - 1:
             shutil.rmtree(cache_dir, ignore_errors=True)
     t_cold = statistics.median(cold_times)
-    row("cold read through the mount vs curl+unzip (time ratio)", f"{t_cold / t_curl:.2f}  ({mb / t_cold:.0f} vs {mb / t_curl:.0f} MB/s)", "<= 1.0")  # noqa: E501
-    row("first byte of first file / whole cold read (mount)", f"{statistics.median(first_byte_times) / t_cold:.3f}", "<= 0.1")
+    row(
+        "cold read through the mount vs curl+unzip (time ratio)",
+        f"{t_cold / t_curl:.2f}  ({mb / t_cold:.0f} vs {mb / t_curl:.0f} MB/s)",
+        "<= 1.0",
+    )  # noqa: E501
+    row(
+        "first byte of first file / whole cold read (mount)",
+        f"{statistics.median(first_byte_times) / t_cold:.3f}",
+        "<= 0.1",
+    )
     row("daemon peak RSS during the cold read", f"{max(peaks):.0f} MB", "")
 
     # 3. Repeat reads and cold-kernel-cache reads vs the cache files read directly.
@@ -239,7 +251,11 @@ def run_all(server: ServerProcess, work: str, args) -> None:
         subprocess.run(["find", mnt, "-ls"], check=True, stdout=subprocess.DEVNULL)
         t_find2 = time.perf_counter() - start
         requests_second = len(server.requests())
-    row(f"find -ls over {entries} entries: requests / directories", f"{requests_first} / {dirs} ({t_find:.1f} s)", "requests <= directories")  # noqa: E501
+    row(
+        f"find -ls over {entries} entries: requests / directories",
+        f"{requests_first} / {dirs} ({t_find:.1f} s)",
+        "requests <= directories",
+    )  # noqa: E501
     row("find -ls again within the TTL: requests", f"{requests_second} ({t_find2:.2f} s)", "0")
     force_unmount(mnt)
 
@@ -269,7 +285,9 @@ def huge_rss(work: str, args) -> None:
         with PeakRss(proc.pid) as rss:
             proc.wait()
         elapsed = time.perf_counter() - start
-        row(f"peak RSS, download+extract of a {args.huge_mb} MB ZIP", f"{rss.peak:.0f} MB ({elapsed:.1f} s)", "< 100 MB")
+        row(
+            f"peak RSS, download+extract of a {args.huge_mb} MB ZIP", f"{rss.peak:.0f} MB ({elapsed:.1f} s)", "< 100 MB"
+        )
     finally:
         server.stop()
         shutil.rmtree(data, ignore_errors=True)

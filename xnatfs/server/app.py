@@ -15,6 +15,8 @@ import struct
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Iterator
 from email.utils import formatdate
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +26,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import __version__
 from . import views
-from .archive import AlreadyExists, Archive, Experiment, InvalidName, ResourceOwner, Scan, copy_exactly
+from .archive import (
+    READ_CHUNK,
+    AlreadyExists,
+    Archive,
+    Experiment,
+    InvalidName,
+    ResourceOwner,
+    Scan,
+    copy_exactly,
+)
 from .auth import Auth
 from .faults import TestHooks
 from .importer import ImportFailed, import_dicom_zip
@@ -87,19 +98,21 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._sent = 0
         self._user = ""
         self._headers_sent = False
+        self._recorded = False
         self._new_cookies: list[str] = []
-        url = urlsplit(self.path)
+        self._url = url = urlsplit(self.path)
         self._query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        self._body_left = int(self.headers.get("Content-Length") or 0)
+        length = self.headers.get("Content-Length") or "0"
+        self._body_left = int(length) if length.isdigit() else 0
         parts = [unquote(p) for p in url.path.split("/") if p]
         if parts[:1] == ["REST"]:  # the pre-1.5 name of /data
             parts = ["data", *parts[1:]]
         if parts[:2] == ["data", "archive"]:
             parts = ["data", *parts[2:]]
         hooks = self.server.hooks
-        is_hook = parts[:1] == ["_test"]
+        self._is_hook = parts[:1] == ["_test"]
         try:
-            if is_hook:
+            if self._is_hook:
                 self._test_hook(parts[1:])
             else:
                 if hooks and self._inject_faults(hooks, url.path):
@@ -115,20 +128,26 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._fail(error.status, str(error))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception:  # a server bug: answer 500 like XNAT does, and show the traceback
+            traceback.print_exc()
+            self.close_connection = True
+            self._fail(500, "Internal server error")
         finally:
+            self._record(self._sent)
             self._finish_body()
             self._log(url.path, started)
-            if hooks and not is_hook:
-                hooks.record(
-                    {
-                        "method": self.command,
-                        "path": url.path,
-                        "query": url.query,
-                        "status": self._status,
-                        "bytes": self._sent,
-                        "user": self._user,
-                    }
-                )
+
+    def _record(self, body_bytes: int) -> None:
+        """Add this request to the test hooks' request log, once.
+
+        Responses call this just before their last bytes go out, so a client that has seen a complete
+        response always finds it in the log.
+        """
+        hooks = self.server.hooks
+        if hooks and not self._is_hook and not self._recorded:
+            self._recorded = True
+            entry = {"method": self.command, "path": self._url.path, "query": self._url.query}
+            hooks.record({**entry, "status": self._status, "bytes": body_bytes, "user": self._user})
 
     def _inject_faults(self, hooks: TestHooks, path: str) -> bool:
         """Apply the active test faults; returns True when the request has been dealt with."""
@@ -172,17 +191,21 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     # -- responses ---------------------------------------------------------------------------------
 
-    def _start(self, status: int, headers: dict[str, str]) -> None:
+    def _start(self, status: int, headers: dict[str, str], body_bytes: int | None) -> None:
+        """Send the status and headers; `body_bytes` is the body size to log, None if not known yet."""
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
         for cookie in self._new_cookies:
             self.send_header("Set-Cookie", cookie)
+        if body_bytes is not None:
+            self._record(body_bytes)
         self.end_headers()
         self._headers_sent = True
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self._start(status, {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})})
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
+        self._start(status, headers, 0 if self.command == "HEAD" else len(body))
         if self.command != "HEAD":
             self.wfile.write(body)
             self._sent += len(body)
@@ -318,6 +341,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._archive(parts)
 
     def _archive(self, parts: list[str]) -> None:
+        if self.command in ("POST", "DELETE") or (self.command == "PUT" and "resources" not in parts):
+            raise HttpError(405, "only resources and files can be written here")
         index = self.server.archive.index()
         match parts:
             case ["projects"]:
@@ -399,14 +424,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Serve `.../resources[/{id|label}[/files[/{path}]]]` or `.../files` below some owners."""
         method = self.command
         match rest:
-            case ["resources"]:
-                rows = [views.resource_row(r) for o in owners for r in o.resources.values()]
-                self._listing(None, rows)
             case ["resources", key] if method == "PUT":
                 owner = _single(owners)
                 meta = {k: self._query[k] for k in ("format", "content", "tags") if self._query.get(k)}
                 self.server.archive.create_resource(owner, key, meta)
                 self._send_text("")
+            case ["resources", key, "files", *path] if method == "PUT":
+                self._upload(_single(owners), key, path)
+            case _ if method == "PUT":
+                raise HttpError(405, "only resources and files can be written here")
+            case ["resources"]:
+                rows = [views.resource_row(r) for o in owners for r in o.resources.values()]
+                self._listing(None, rows)
             case ["resources", key]:
                 resource = _single(owners).resource(key) or _missing(key)
                 self._send(200, views.catalog_xml(resource, self.server.archive.checksums), "application/xml")
@@ -415,8 +444,6 @@ class RequestHandler(BaseHTTPRequestHandler):
                 if not resources and len(owners) == 1:
                     raise HttpError(404, f"{key} not found")
                 self._files(resources)
-            case ["resources", key, "files", *path] if method == "PUT":
-                self._upload(_single(owners), key, path)
             case ["resources", key, "files", *path]:
                 resource = _single(owners).resource(key) or _missing(key)
                 self._file(resource, path)
@@ -454,18 +481,33 @@ class RequestHandler(BaseHTTPRequestHandler):
                 "Content-Disposition": f'attachment; filename="{resources[0].experiment.label}.zip"',
                 "Transfer-Encoding": "chunked",
             },
+            0 if self.command == "HEAD" else None,
         )
         if self.command == "HEAD":
             return
         hooks = self.server.hooks
         drop_after = hooks.drop_after_bytes if hooks else None
         for chunk in stream_zip(members, checksums.crc32, level):
-            if drop_after is not None and self._sent + len(chunk) >= drop_after:
-                self._write_chunk(chunk[: drop_after - self._sent])
-                self._abort()
-                return
-            self._write_chunk(chunk)
+            for piece in self._paced(chunk):
+                if drop_after is not None and self._sent + len(piece) >= drop_after:
+                    self._write_chunk(piece[: drop_after - self._sent])
+                    self._abort()
+                    return
+                self._write_chunk(piece)
+        self._record(self._sent)
         self.wfile.write(b"0\r\n\r\n")
+
+    def _paced(self, data: bytes) -> Iterator[bytes]:
+        """Yield `data` whole, or in slices at the test hooks' throttle rate (re-read per slice)."""
+        hooks = self.server.hooks
+        while data:
+            rate = hooks.throttle if hooks else None
+            if not rate:
+                yield data
+                return
+            piece, data = data[: max(1024, rate // 10)], data[max(1024, rate // 10) :]
+            yield piece
+            time.sleep(len(piece) / rate)
 
     def _write_chunk(self, chunk: bytes) -> None:
         if chunk:
@@ -487,8 +529,15 @@ class RequestHandler(BaseHTTPRequestHandler):
                 "Content-Length": str(info.st_size),
                 "Last-Modified": formatdate(info.st_mtime, usegmt=True),
             }
-            self._start(200, headers)
-            if self.command != "HEAD":
+            self._start(200, headers, 0 if self.command == "HEAD" else info.st_size)
+            if self.command == "HEAD":
+                return
+            if self.server.hooks and self.server.hooks.throttle:
+                while chunk := handle.read(READ_CHUNK):
+                    for piece in self._paced(chunk):
+                        self.wfile.write(piece)
+                        self._sent += len(piece)
+            else:
                 self._sent += self.connection.sendfile(handle, count=info.st_size)
 
     # -- uploads -----------------------------------------------------------------------------------

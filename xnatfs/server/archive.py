@@ -436,7 +436,7 @@ class Archive:
             relative = directory.relative_to(self.root).as_posix()
             # A stable integer per folder stands in for XNAT's database key xnat_abstractresource_id.
             xnat_id = str(zlib.crc32(relative.encode()) & 0x7FFFFFFF)
-            meta = read_json(owner.directory / "resources" / f"{label}.json")
+            meta = read_json(owner.resource_folder / f"{label}.json")
             owner.resources[label] = Resource(label, directory, owner, xnat_id, meta)
 
     # -- writing -----------------------------------------------------------------------------------

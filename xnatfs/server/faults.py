@@ -6,6 +6,7 @@
   error             {"status": 500, "path": "<regex searched in the path>", "count": K (optional)}
   refuse            true: every request is answered by closing the socket at once
   stall             true: every request hangs until the faults are cleared
+  throttle          bytes per second: file and ZIP bodies are sent no faster than this
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-FAULT_KEYS = {"latency", "drop_after_bytes", "error", "refuse", "stall"}
+FAULT_KEYS = {"latency", "drop_after_bytes", "error", "refuse", "stall", "throttle"}
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TestHooks:
     def _set_defaults(self) -> None:
         self.latency = 0.0
         self.drop_after_bytes: int | None = None
+        self.throttle: int | None = None
         self.refuse = False
         self._error: ErrorRule | None = None
 
@@ -81,6 +83,8 @@ class TestHooks:
                 self.latency = float(spec["latency"])
             if "drop_after_bytes" in spec:
                 self.drop_after_bytes = None if spec["drop_after_bytes"] is None else int(spec["drop_after_bytes"])
+            if "throttle" in spec:
+                self.throttle = int(spec["throttle"]) if spec["throttle"] else None
             if "refuse" in spec:
                 self.refuse = bool(spec["refuse"])
             if error:

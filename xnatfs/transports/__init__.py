@@ -7,6 +7,7 @@ attribute says which URL schemes they serve.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from importlib.metadata import entry_points
 from typing import Any
@@ -41,21 +42,27 @@ class UnknownSchemeError(ValueError):
     """No transport serves a URL's scheme."""
 
 
-def transport_classes() -> dict[str, type[AbstractTransport]]:
-    """Return every registered transport class by URL scheme (built-ins and entry points)."""
-    from xnatfs.transports.dicom import DicomTransport
-    from xnatfs.transports.file import FileTransport
-    from xnatfs.transports.xnat import XnatTransport
+BUILT_IN = ("xnatfs.transports.file:FileTransport", "xnatfs.transports.xnat:XnatTransport",
+            "xnatfs.transports.dicom:DicomTransport")  # fmt: skip
 
+
+def transport_classes() -> dict[str, type[AbstractTransport]]:
+    """Return every registered transport class by URL scheme (built-ins and entry points).
+
+    A transport that fails to load is left out with a warning: it must not take the others down.
+    """
     classes: dict[str, type[AbstractTransport]] = {}
-    for cls in (FileTransport, XnatTransport, DicomTransport):
-        for scheme in cls.schemes:
-            classes[scheme] = cls
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    targets = [(target, None) for target in BUILT_IN]
+    targets += [(ep.value, ep) for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.value not in BUILT_IN]
+    for target, ep in targets:
         try:
-            cls = ep.load()
-        except Exception as error:  # a broken plug-in must not break the others
-            log.warning("transport plug-in %s could not be loaded: %s", ep.value, error)
+            if ep is not None:
+                cls = ep.load()
+            else:
+                module, _, name = target.partition(":")
+                cls = getattr(importlib.import_module(module), name)
+        except Exception as error:
+            log.warning("transport %s could not be loaded: %s", target, error)
             continue
         for scheme in getattr(cls, "schemes", []):
             classes.setdefault(scheme, cls)

@@ -24,7 +24,7 @@ for the whole series.
 Options (``opts``): ``calling_aet`` (default ``XNATFS``), ``timeout`` (seconds, default 30: bounds
 the TCP connection, association negotiation and every wait for a DIMSE message), ``cache`` (a
 :class:`xnatfs.cache.Cache`) or ``cache_dir`` (the default cache folder if neither is given),
-``max_pdu`` (largest PDU we accept, bytes, default 0 = unlimited), plus those of
+``max_pdu`` (largest PDU we accept, bytes; 0 = unlimited; pynetdicom's default if absent), plus those of
 :class:`~xnatfs.transports.base.AbstractTransport`.
 """
 
@@ -143,7 +143,8 @@ class DicomTransport(AbstractTransport):
             raise ValueError(f"dicom:// URLs name a whole PACS, not a path inside it (got {root!r})")
         self.calling_aet = str(self.opts.get("calling_aet") or DEFAULT_CALLING_AET)
         self.timeout = float(self.opts.get("timeout", DEFAULT_TIMEOUT))
-        self.max_pdu = int(self.opts.get("max_pdu", 0))
+        max_pdu = self.opts.get("max_pdu")
+        self.max_pdu = None if max_pdu is None else int(max_pdu)
         cache = self.opts.get("cache")
         self.cache: Cache = cache if cache is not None else Cache(self.opts.get("cache_dir"))
         self.peer = f"{self.called_aet}@{self.host}:{self.port}"
@@ -230,7 +231,9 @@ class DicomTransport(AbstractTransport):
         syntaxes = [syntax] if syntax else [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         # Verification is proposed too, so that a PACS that refuses the SOP class still accepts the
         # association and the refusal is reported as such (not as a PACS that cannot be reached).
-        contexts = [build_context(sop_class, syntaxes), build_context(Verification)]
+        contexts = [build_context(sop_class, syntaxes)]
+        if sop_class != Verification:
+            contexts.append(build_context(Verification))
         with self._association(contexts) as assoc:
             try:
                 status = assoc.send_c_store(ds)
@@ -239,7 +242,9 @@ class DicomTransport(AbstractTransport):
         code = _status_code(status)
         self.invalidate()
         if code is None:
-            raise AssociationFailed(f"C-STORE to {self.peer}: no answer within {self.timeout:g} s")
+            raise AssociationFailed(
+                f"C-STORE to {self.peer}: no answer within {self.timeout:g} s or association aborted"
+            )
         if code != STATUS_SUCCESS and code not in STORE_WARNINGS:
             comment = getattr(status, "ErrorComment", "")
             raise AssociationFailed(
@@ -297,7 +302,6 @@ class DicomTransport(AbstractTransport):
             Modality="",
             SeriesDate="",
             SeriesTime="",
-            NumberOfSeriesRelatedInstances="",
         )
         found = self._find(StudyRootQueryRetrieveInformationModelFind, query)
         series = {str(ds.SeriesInstanceUID): ds for ds in found if ds.get("SeriesInstanceUID")}
@@ -431,14 +435,15 @@ class DicomTransport(AbstractTransport):
         ae.network_timeout = self.timeout
         with self._counter_lock:
             self.association_count += 1
+        options: dict[str, Any] = {} if self.max_pdu is None else {"max_pdu": self.max_pdu}
         assoc = ae.associate(
             self.host,
             self.port,
             contexts=contexts,
             ae_title=self.called_aet,
-            max_pdu=self.max_pdu,
             ext_neg=ext_neg,
             evt_handlers=evt_handlers,
+            **options,
         )
         if not assoc.is_established:
             if assoc.is_rejected:

@@ -1,0 +1,114 @@
+"""Transports behind the same mount: a local folder, and a third-party plug-in found by entry point."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mounting import mounted
+
+from xnatfs.transports import UnknownSchemeError, get_transport
+
+PLUGIN = '''
+"""A third-party transport: a fixed in-memory tree, content written into the shared cache."""
+import os
+from xnatfs.transports import AbstractTransport, Entry
+from xnatfs.cache import Cache
+
+TREE = {"/": ["greetings"], "/greetings": ["hello.txt", "big.bin"]}
+CONTENT = {"/greetings/hello.txt": b"hello from a plug-in\\n", "/greetings/big.bin": bytes(range(256)) * 4096}
+
+
+class MemoryTransport(AbstractTransport):
+    name = "memory"
+    description = "An in-memory tree, for tests"
+    authors = "tests"
+    version = "1.0"
+    url = "https://example.invalid"
+    schemes = ["memory"]
+
+    def __init__(self, netloc=None, root=None, mode="r", read_directory_only=False, opts=None):
+        super().__init__(netloc, root, mode, read_directory_only, opts)
+        self.cache = self.opts.get("cache") or Cache()
+
+    def _list(self, path):
+        if path not in TREE:
+            raise FileNotFoundError(path)
+        entries = []
+        for name in TREE[path]:
+            full = path.rstrip("/") + "/" + name
+            data = CONTENT.get(full)
+            entries.append(Entry(name, data is None, size=len(data or b""), mtime=1e9, key="memory:" + full))
+        return entries
+
+    def _fetch(self, path, entry):
+        def fill(filler):
+            for full, data in CONTENT.items():
+                name = full.strip("/").replace("/", "_")
+                tmp = os.path.join(filler.staging, "." + name)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.rename(tmp, os.path.join(filler.staging, name))
+                filler.publish(name)
+
+        return self.cache.entry(("memory", "all"), "1").get(path.strip("/").replace("/", "_"), fill)
+'''
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    """A folder with the plug-in module and its distribution metadata (entry point), for PYTHONPATH."""
+    site = tmp_path / "site"
+    (site / "xnatfs_memory_plugin-1.0.dist-info").mkdir(parents=True)
+    (site / "xnatfs_memory_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    info = site / "xnatfs_memory_plugin-1.0.dist-info"
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xnatfs-memory-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[xnatfs.transports]\nmemory = xnatfs_memory_plugin:MemoryTransport\n")
+    return str(site)
+
+
+def test_third_party_transport_mounts_and_reads(plugin_path, tmp_path):
+    env = dict(os.environ, PYTHONPATH=plugin_path)
+    mnt = str(tmp_path / "mnt")
+    with mounted("memory://", mnt, str(tmp_path / "cache"), env):
+        assert os.listdir(mnt) == ["greetings"]
+        assert sorted(os.listdir(f"{mnt}/greetings")) == ["big.bin", "hello.txt"]
+        assert os.stat(f"{mnt}/greetings/big.bin").st_size == 1 << 20
+        with open(f"{mnt}/greetings/hello.txt", "rb") as f:
+            assert f.read() == b"hello from a plug-in\n"
+        with open(f"{mnt}/greetings/big.bin", "rb") as f:
+            assert f.read() == bytes(range(256)) * 4096
+        assert not os.path.exists(f"{mnt}/greetings/nope")
+
+
+def test_unknown_scheme_names_the_known_ones(plugin_path):
+    with pytest.raises(UnknownSchemeError) as info:
+        get_transport("gopher://x")
+    assert "file://" in str(info.value) and "dicom://" in str(info.value) and "http://" in str(info.value)
+    # The plug-in's scheme is known to a process that can import it.
+    code = "from xnatfs.transports import get_transport; print(type(get_transport('memory://')).__name__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=plugin_path)
+    )
+    assert out.stdout.strip() == "MemoryTransport", out.stderr
+
+
+def test_local_folder_mount(tmp_path):
+    data = tmp_path / "data"
+    (data / "study" / "series").mkdir(parents=True)
+    (data / "study" / "series" / "a.dcm").write_bytes(b"A" * 5000)
+    (data / "notes.txt").write_text("hi")
+    os.symlink("/etc/passwd", data / "escape")
+    mnt = str(tmp_path / "mnt")
+    with mounted(f"file://{data}", mnt, str(tmp_path / "cache"), dict(os.environ)):
+        assert sorted(os.listdir(mnt)) == ["notes.txt", "study"]
+        with open(f"{mnt}/study/series/a.dcm", "rb") as f:
+            assert f.read() == b"A" * 5000
+        assert os.stat(f"{mnt}/notes.txt").st_size == 2
+        with pytest.raises(OSError) as info:
+            open(f"{mnt}/new.txt", "wb")
+        assert info.value.errno == errno.EROFS

@@ -321,3 +321,40 @@ def test_hostile_names_are_made_safe_and_hostile_zips_give_eio(tmp_path):
     for folder, _dirs, names in os.walk(tmp_path):
         assert "escape.txt" not in names, folder
     assert not os.path.exists("/escape.txt") and not os.path.exists(os.path.join(os.path.dirname(cache), "escape.txt"))
+
+
+def test_stalled_server_gives_eio_not_a_hang(server, env, mnt, cache_dir):
+    with mounted(server.url, mnt, cache_dir, env, "--timeout", "3"):
+        scan = first_scan_dir(os.path.join(mnt, "DEMO"))
+        name = sorted(os.listdir(scan))[0]
+        server.set_faults(stall=True)
+        try:
+            outcome, _ = _read_in_subprocess(os.path.join(scan, name), limit=60)
+            assert outcome == str(errno.EIO)
+            listing = subprocess.run(["ls", os.path.join(mnt, "PHANTOM")], capture_output=True, text=True, timeout=60)
+            assert listing.returncode != 0 and "Input/output error" in listing.stderr
+        finally:
+            server.clear_faults()
+
+
+def test_foreground_mount_stops_cleanly_on_sigterm_and_passes_fuse_options(server, env, mnt, cache_dir):
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "xnatfs", "mount", server.url, mnt, "-f", "--cache-dir", cache_dir,
+         "-o", "allow_other,default_permissions"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if is_mounted(mnt) and os.listdir(mnt):
+                break
+            time.sleep(0.05)
+        assert sorted(os.listdir(mnt)) == ["DEMO", "PHANTOM"]
+        with open("/proc/self/mountinfo") as f:
+            line = next(line for line in f if line.split()[4] == mnt)
+        assert "allow_other" in line and "default_permissions" in line and " ro" in line
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert not is_mounted(mnt)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()

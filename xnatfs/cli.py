@@ -6,6 +6,7 @@ Errors end the command with one line on stderr (``xnatfs: error: ...``) and a no
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import re
@@ -252,7 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("Try:")
         print(f"  ls -l {mountpoint}/*/*/*/scans")
         print(f"  find {mountpoint} -name '*.dcm' | head")
-        print(f"  dcm2niix -o /tmp {mountpoint}/<project>/<subject>/<experiment>/scans/<scan>/resources/DICOM/files")
+        print(f"  dcm2niix -o /tmp {_first_dicom_folder(mountpoint)}")
         print(f"Log: {log_file}. Stop with Ctrl-C (or: kill {os.getpid()}).", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -274,6 +275,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def _first_dicom_folder(root: str) -> str:
+    """Return the files folder of the first scan with a DICOM resource (listings only, no download)."""
+    pattern = os.path.join(root, "*", "*", "*", "scans", "*", "resources", "DICOM", "files")
+    found = sorted(glob.glob(pattern))
+    return found[0] if found else pattern
 
 
 def _server_url(server: subprocess.Popen) -> str:

@@ -77,6 +77,7 @@ class Operations(mfusepy.Operations):
         self.gid = os.getgid()
         self.mounted_at = time.time()
         self.on_ready: Callable[[], None] | None = None
+        self.destroyed = False  # set when libfuse tears the file system down (unmount or signal)
         # Identifies this source in inode numbers, so two sources never share one.
         self._ino_salt = str(transport.opts.get("url", transport.name)).encode()
 
@@ -88,6 +89,9 @@ class Operations(mfusepy.Operations):
             config.negative_timeout = self.ttl
         if self.on_ready is not None:
             self.on_ready()
+
+    def destroy(self, path: str) -> None:
+        self.destroyed = True
 
     def _attrs(self, entry: Entry) -> dict[str, Any]:
         mtime_ns = int((entry.mtime or self.mounted_at) * 1e9)

@@ -83,7 +83,10 @@ def run(
     try:
         mfusepy.FUSE(operations, mountpoint, foreground=True, raw_fi=True, **options)
     except RuntimeError as error:
-        raise MountError(f"{mountpoint}: mount failed ({error}); see the log for the cause") from None
+        # libfuse reports a stop by SIGINT/SIGTERM as an error too; a file system it tore down
+        # itself (destroy called) was stopped cleanly.
+        if not operations.destroyed:
+            raise MountError(f"{mountpoint}: mount failed ({error}); see the log for the cause") from None
     finally:
         transport.close()
     log.info("unmounted %s", mountpoint)

@@ -40,6 +40,7 @@ POLL_SECONDS = 0.05
 # An entry used this recently is never evicted: a reader may be about to open it.
 EVICTION_GRACE_SECONDS = 60.0
 PROGRESS_INTERVAL = 1.0
+TOUCH_INTERVAL = 30.0  # well below EVICTION_GRACE_SECONDS, so an entry in use is never evicted
 
 
 def default_cache_dir() -> str:
@@ -254,6 +255,7 @@ class Cache:
         self._entries: dict[tuple[tuple[str, ...], str], CacheEntry] = {}
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
+        self._touched: dict[str, float] = {}
 
     def entry(self, key: tuple[str, ...], version: str) -> CacheEntry:
         """Return the entry for ``key`` at ``version`` (the same object for the same pair)."""
@@ -264,7 +266,11 @@ class Cache:
             return found
 
     def touch(self, entry: CacheEntry) -> None:
-        """Record a use of ``entry`` (for LRU eviction); cheap enough for every open."""
+        """Record a use of ``entry`` for LRU eviction (on disk at most once a minute per entry)."""
+        now = time.monotonic()
+        if now - self._touched.get(entry.path, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+            return
+        self._touched[entry.path] = now
         with contextlib.suppress(OSError):
             os.utime(entry.meta_path)
 

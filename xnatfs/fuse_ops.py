@@ -133,6 +133,7 @@ class Operations(mfusepy.Operations):
     def open(self, path: str, fi: Any) -> int:
         if fi.flags & WRITE_FLAGS:
             raise mfusepy.FuseOSError(errno.EROFS)
+        # What the kernel was told in getattr counts, so look before the content arrives.
         size_known = self.transport.stat(path).size is not None
         fi.fh = self.transport.open_fd(path)
         if size_known:

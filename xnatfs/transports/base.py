@@ -154,6 +154,11 @@ class AbstractTransport:
         # served when the source cannot be reached: a cached tree stays browsable offline.
         self._fresh: TTLCache[str, dict[str, Entry]] = TTLCache(maxsize=size, ttl=ttl)
         self._last: LRUCache[str, dict[str, Entry]] = LRUCache(maxsize=size)
+        # stat() results by path (None: no such path), so a lookup is one dict access, not one per level.
+        self._stats: TTLCache[str, Entry | None] = TTLCache(maxsize=size, ttl=ttl)
+        # Where the content of recently opened paths is, so a repeat open skips the lookups.
+        # Short-lived: cache entries record their use (for eviction) only when looked up.
+        self._local: TTLCache[str, str] = TTLCache(maxsize=size, ttl=min(ttl, 30.0))
         self._lock = threading.Lock()
         self._listing_locks: dict[str, threading.Lock] = {}
 
@@ -195,18 +200,26 @@ class AbstractTransport:
     def stat(self, path: str) -> Entry:
         """Return the entry of ``path``, from its parent's listing. Raises FileNotFoundError."""
         path = normpath(path)
+        with self._lock:
+            entry = self._stats.get(path, self)
+        if entry is self:  # not cached
+            entry = self._stat(path)
+            with self._lock:
+                self._stats[path] = entry
+        if entry is None:
+            raise FileNotFoundError(path)
+        return entry
+
+    def _stat(self, path: str) -> Entry | None:
         if path == "/":
             return ROOT
         parent, name = posixpath.split(path)
         if is_probe_name(name):
-            raise FileNotFoundError(path)
+            return None
         parent_entry = self.stat(parent)
         if not parent_entry.is_dir:
             raise NotADirectoryError(parent)
-        entry = self._listing(parent).get(name)
-        if entry is None:
-            raise FileNotFoundError(path)
-        return entry
+        return self._listing(parent).get(name)
 
     def exists(self, path: str) -> bool:
         """Return True if ``path`` is a folder or file of the tree."""
@@ -267,13 +280,25 @@ class AbstractTransport:
 
         Retries when the content moved between fetch and open (a cache entry being published).
         """
-        for attempt in range(3):
-            local = self.fetch(path)
+        path = normpath(path)
+        with self._lock:
+            local = self._local.get(path)
+        if local is not None:
             try:
                 return os.open(local, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
+                pass
+        for attempt in range(3):
+            local = self.fetch(path)
+            try:
+                fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
                 if attempt == 2:
                     raise
+                continue
+            with self._lock:
+                self._local[path] = local
+            return fd
         raise AssertionError("unreachable")
 
     def open(self, path: str, mode: str = "r") -> IO[bytes]:
@@ -292,6 +317,8 @@ class AbstractTransport:
     def invalidate(self, path: str | None = None) -> None:
         """Forget the cached listing of folder ``path`` (of every folder when None)."""
         with self._lock:
+            self._stats.clear()
+            self._local.clear()
             if path is None:
                 self._fresh.clear()
             else:

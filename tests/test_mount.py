@@ -248,8 +248,14 @@ def test_kill_9_mid_download_then_umount_and_remount_serves_correct_bytes(server
 def test_writes_are_refused_with_erofs(server, env, mnt, cache_dir):
     with mounted(server.url, mnt, cache_dir, env):
         scan = first_scan_dir(mnt)
+        existing = os.path.join(scan, sorted(os.listdir(scan))[0])
+        with open(existing, "rb") as f:  # after a read-only open, write opens must still fail
+            assert f.read(1)
         for action in (
             lambda: open(os.path.join(scan, "new.txt"), "wb"),
+            lambda: open(existing, "r+b"),
+            lambda: open(existing, "ab"),
+            lambda: os.truncate(existing, 0),
             lambda: os.mkdir(os.path.join(scan, "sub")),
             lambda: os.remove(os.path.join(scan, sorted(os.listdir(scan))[0])),
         ):

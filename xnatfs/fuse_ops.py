@@ -9,10 +9,13 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
 import logging
 import os
 import stat
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +27,7 @@ from xnatfs.transports.base import AbstractTransport, Entry
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_OPEN_FILES = 512
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -78,6 +82,13 @@ class Operations(mfusepy.Operations):
         self.mounted_at = time.time()
         self.on_ready: Callable[[], None] | None = None
         self.destroyed = False  # set when libfuse tears the file system down (unmount or signal)
+        # When the transport always knows file sizes, the kernel is asked not to send opens at all
+        # (an open costs a round trip through libfuse and Python per file); reads then find their
+        # file here. Otherwise (a PACS series not fetched yet has size 0), each open sets direct_io.
+        self.no_open = transport.sizes_known
+        self._files: OrderedDict[str, tuple[io.FileIO, float]] = OrderedDict()
+        self._files_lock = threading.Lock()
+        self._files_ttl = min(ttl, 30.0)
         # Identifies this source in inode numbers, so two sources never share one.
         self._ino_salt = str(transport.opts.get("url", transport.name)).encode()
 
@@ -133,6 +144,10 @@ class Operations(mfusepy.Operations):
     def open(self, path: str, fi: Any) -> int:
         if fi.flags & WRITE_FLAGS:
             raise mfusepy.FuseOSError(errno.EROFS)
+        if self.no_open:
+            # The kernel then sends no more opens and releases, keeps page caches, and reads
+            # come with the path alone (see read). Content is fetched on the first read.
+            raise mfusepy.FuseOSError(errno.ENOSYS)
         # What the kernel was told in getattr counts, so look before the content arrives.
         size_known = self.transport.stat(path).size is not None
         fi.fh = self.transport.open_fd(path)
@@ -143,16 +158,33 @@ class Operations(mfusepy.Operations):
             fi.direct_io = 1
         return 0
 
+    @_errors
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        try:
+        if not self.no_open:
             return os.pread(fi.fh, size, offset)
-        except OSError as error:
-            log.error("read %s: %s", path, error)
-            raise mfusepy.FuseOSError(error.errno or errno.EIO) from None
+        file = self._open_file(path)  # this reference keeps the fd open while we read
+        return os.pread(file.fileno(), size, offset)
 
     def release(self, path: str, fi: Any) -> int:
-        os.close(fi.fh)
+        if not self.no_open:
+            os.close(fi.fh)
         return 0
+
+    def _open_file(self, path: str) -> io.FileIO:
+        """Return an open file with the content of ``path`` (kept for reads; fetched if needed)."""
+        now = time.monotonic()
+        with self._files_lock:
+            found = self._files.get(path)
+            if found is not None and now - found[1] < self._files_ttl:
+                self._files.move_to_end(path)
+                return found[0]
+        file = io.FileIO(self.transport.open_fd(path), "r", closefd=True)
+        with self._files_lock:
+            self._files[path] = (file, now)
+            while len(self._files) > MAX_OPEN_FILES:
+                # Dropped, not closed: a read still holding it finishes first (refcounting closes it).
+                self._files.popitem(last=False)
+        return file
 
     def statfs(self, path: str) -> dict[str, int]:
         return {"f_bsize": 1 << 17, "f_frsize": 1 << 17, "f_namemax": 255}

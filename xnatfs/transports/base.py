@@ -134,6 +134,8 @@ class AbstractTransport:
     version: ClassVar[str] = ""
     url: ClassVar[str] = ""
     schemes: ClassVar[list[str]] = []
+    # True when every file's size is known from listings (the mount then lets the kernel skip opens).
+    sizes_known: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -124,6 +124,7 @@ class DicomTransport(AbstractTransport):
     version = __version__
     url = "https://pypi.org/project/xnatfs/"
     schemes = ["dicom"]
+    sizes_known = False  # an instance's size is known only once its series has been retrieved
 
     def __init__(
         self,

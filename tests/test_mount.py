@@ -277,6 +277,7 @@ def test_cli_errors_are_one_line_and_leave_no_mount(server, env, tmp_path, cache
         ([server.url, empty], credentials_env(server, XNAT_PASS="wrong"), "login refused"),
         (["http://127.0.0.1:9", empty], env, "connection refused"),
         (["gopher://host", empty], env, "unknown scheme"),
+        ([server.url, empty, "-o", "no_such_option"], env, "unknown option"),  # libfuse's own complaint
     ]
     for args, run_env, message in cases:
         result = xnatfs("mount", *args, "--cache-dir", cache_dir, "--timeout", "2", env=run_env)

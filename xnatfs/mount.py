@@ -122,6 +122,7 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
     read_fd, write_fd = os.pipe()
     os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
     with open(log_file, "ab") as log_out:
+        log_start = log_out.tell()
         child = subprocess.Popen(
             [sys.executable, "-m", "xnatfs", *argv, "--ready-fd", str(write_fd)],
             stdin=subprocess.DEVNULL,
@@ -151,13 +152,34 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
     text = message.decode(errors="replace").strip()
     if text == "ok":
         return
-    if child.poll() is None:
+    status = child.poll()
+    if status is not None and not text:
+        cause = _daemon_error(log_file, log_start) or f"the mount daemon exited with status {status}"
+        raise MountError(f"{cause} (log: {log_file})")
+    if status is None:
         child.terminate()
         try:
             child.wait(5)
         except subprocess.TimeoutExpired:
             child.kill()
     raise MountError(text or f"the mount did not come up within {timeout:.0f} s (log: {log_file})")
+
+
+def _daemon_error(log_file: str, offset: int) -> str:
+    """Return the cause a daemon that exited early left in its log ("" if none): libfuse's own
+    complaint (it writes to stderr, which is the log) if there is one, else the daemon's error line."""
+    try:
+        with open(log_file, "rb") as log_in:
+            log_in.seek(offset)
+            lines = log_in.read(1 << 16).decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    fuse_lines = [line.strip() for line in lines if line.startswith("fuse: ")]
+    if fuse_lines:
+        return fuse_lines[-1]
+    prefix = "xnatfs: error: "
+    error_lines = [line[len(prefix) :].strip() for line in lines if line.startswith(prefix)]
+    return error_lines[-1] if error_lines else ""
 
 
 def umount(mountpoint: str) -> None:

@@ -15,6 +15,7 @@ import time
 
 import pydicom
 import pytest
+import requests
 import xnat
 from mounting import credentials_env, daemon_pids, force_unmount, is_mounted, mounted, xnatfs, zip_downloads
 
@@ -365,3 +366,29 @@ def test_foreground_mount_stops_cleanly_on_sigterm_and_passes_fuse_options(serve
     finally:
         if daemon.poll() is None:
             daemon.kill()
+
+
+def test_data_changed_on_the_server_is_read_anew(server_factory, mnt, cache_dir):
+    own = server_factory()  # its own archive: this test overwrites a file on the server
+    with mounted(own.url, mnt, cache_dir, credentials_env(own), "--ttl", "1"):
+        scan = first_scan_dir(mnt)
+        name = sorted(os.listdir(scan))[0]
+        path = os.path.join(scan, name)
+        with open(path, "rb") as f:
+            original = f.read()
+        project, subject, experiment, _, folder = os.path.relpath(scan, mnt).split(os.sep)[:5]
+        url = (
+            f"{own.url}/data/projects/{project}/subjects/{subject}/experiments/{experiment}"
+            f"/scans/{folder.split('-')[0]}/resources/DICOM/files/{name}?overwrite=true"
+        )
+        # First the same size (a page cache kept on size and date alone would serve the old bytes).
+        for content in (original[:-4] + b"XNFS", original + b"longer"):
+            reply = requests.put(url, data=content, auth=(own.user, own.password), timeout=10)
+            assert reply.status_code in (200, 201), reply.text
+            own.clear_requests()
+            time.sleep(1.5)  # past the listing and attribute TTL
+            assert os.stat(path).st_size == len(content)
+            for _ in range(2):
+                with open(path, "rb") as f:
+                    assert f.read() == content
+            assert len(zip_downloads(own.requests())) == 1  # the new version, once

@@ -158,7 +158,7 @@ class AbstractTransport:
         self._last: LRUCache[str, dict[str, Entry]] = LRUCache(maxsize=size)
         # stat() results by path (None: no such path), so a lookup is one dict access, not one per level.
         self._stats: TTLCache[str, Entry | None] = TTLCache(maxsize=size, ttl=ttl)
-        # Where the content of recently opened paths is, so a repeat open skips the lookups.
+        # Where the content of recently opened files is (by entry key), so a repeat open skips the lookups.
         # Short-lived: cache entries record their use (for eviction) only when looked up.
         self._local: TTLCache[str, str] = TTLCache(maxsize=size, ttl=min(ttl, 30.0))
         self._lock = threading.Lock()
@@ -283,8 +283,9 @@ class AbstractTransport:
         Retries when the content moved between fetch and open (a cache entry being published).
         """
         path = normpath(path)
+        key = self.stat(path).key or path  # a source's key changes with the content (e.g. its digest)
         with self._lock:
-            local = self._local.get(path)
+            local = self._local.get(key)
         if local is not None:
             try:
                 return os.open(local, os.O_RDONLY | os.O_CLOEXEC)
@@ -299,7 +300,7 @@ class AbstractTransport:
                     raise
                 continue
             with self._lock:
-                self._local[path] = local
+                self._local[key] = local
             return fd
         raise AssertionError("unreachable")
 

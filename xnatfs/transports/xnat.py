@@ -223,8 +223,9 @@ class XnatTransport(AbstractTransport):
             if isinstance(child, dict):
                 entries.append(Entry(name, True, mtime=mtime, key=f"{resource.api_path}/{prefix}/{name}"))
             else:
-                key = f"{resource.api_path}:{child.server_path}"
-                entries.append(Entry(name, False, size=child.size, mtime=mtime, key=key, ref=child))
+                # With the digest, changed content is a new file to the open-file memos and st_ino.
+                key = f"{resource.api_path}:{child.server_path}:{child.digest or child.size}"
+                entries.append(Entry(name, False, child.size, mtime + _version_fraction(child), key, child))
         return entries
 
     def _file_listing(self, resource: Resource) -> FileListing:
@@ -469,3 +470,15 @@ def server_url(url: str | None, netloc: str | None = None, root: str | None = No
 
 def _join(parts: list[str]) -> str:
     return "/" + "/".join(parts)
+
+
+def _version_fraction(file: RemoteFile) -> float:
+    """Return a fraction of a second (1 µs to 1 s) derived from the file's digest, 0 without one.
+
+    XNAT lists no date per file, so files get their session's date; this fraction makes the mtime
+    change when the content changes, which is what makes the kernel drop cached pages of the old
+    content (sizes alone miss a change of the same length).
+    """
+    if not file.digest:
+        return 0.0
+    return (int(hashlib.sha1(file.digest.encode()).hexdigest()[:8], 16) % 999_999 + 1) / 1e6

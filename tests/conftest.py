@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from mounting import credentials_env, force_unmount
 from server_process import ServerProcess
 
 
@@ -34,3 +37,23 @@ def server_factory():
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def env(server):
+    """An environment with the shared server's credentials (XNAT_USER / XNAT_PASS)."""
+    return credentials_env(server)
+
+
+@pytest.fixture
+def mnt(tmp_path):
+    """An empty mount point, force-unmounted at teardown whatever the test left."""
+    path = str(tmp_path / "mnt")
+    os.makedirs(path)
+    yield path
+    force_unmount(path)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return str(tmp_path / "cache")

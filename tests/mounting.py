@@ -15,7 +15,9 @@ XNATFS = [sys.executable, "-m", "xnatfs"]
 
 def xnatfs(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the ``xnatfs`` command line; return the completed process (text output captured)."""
-    return subprocess.run([*XNATFS, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [*XNATFS, *args], capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+    )
 
 
 def credentials_env(server, **extra: str) -> dict[str, str]:

@@ -22,24 +22,6 @@ from mounting import credentials_env, daemon_pids, force_unmount, is_mounted, mo
 from xnatfs.names import scan_folder
 
 
-@pytest.fixture
-def env(server):
-    return credentials_env(server)
-
-
-@pytest.fixture
-def mnt(tmp_path):
-    path = str(tmp_path / "mnt")
-    os.makedirs(path)
-    yield path
-    force_unmount(path)
-
-
-@pytest.fixture
-def cache_dir(tmp_path):
-    return str(tmp_path / "cache")
-
-
 def expected_tree(server) -> dict[str, tuple[int, str]]:
     """Return {mount path: (size, md5)} of every scan and session file, listed with the xnat client."""
     files = {}

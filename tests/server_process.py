@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ class ServerProcess:
     ) -> None:
         self.user = user
         self.password = password
+        self._own_data = data is None  # the server generates the demo archive in a folder of its own
         self._logdir = tempfile.TemporaryDirectory(prefix="xnatfs-server-")
         self.log_path = Path(self._logdir.name) / "stderr.log"
         stdout_path = Path(self._logdir.name) / "stdout.log"
@@ -107,6 +109,7 @@ class ServerProcess:
                 self._process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self.kill()  # reaps nothing more; removes what a killed server left
         self._http.close()
 
     def kill(self) -> None:
@@ -114,6 +117,9 @@ class ServerProcess:
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+        # A killed server cannot remove the demo archive it generated.
+        if self._own_data and getattr(self, "data_dir", None) is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> ServerProcess:
         return self

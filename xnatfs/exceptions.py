@@ -77,3 +77,11 @@ class UnsafeArchiveError(XnatfsError, ValueError):
 
 class IncompleteDownloadError(XnatfsError):
     """A download ended before all of its data had arrived."""
+
+
+class UploadError(XnatfsError):
+    """An upload failed or arrived damaged; ``kept_at`` is a local file that still holds the data."""
+
+    def __init__(self, message: str, kept_at: str) -> None:
+        super().__init__(message)
+        self.kept_at = kept_at

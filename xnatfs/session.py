@@ -130,6 +130,9 @@ class XnatSession:
             log.info("%s: session expired, logging in again", self.url)
             with self._login_lock:
                 self._login()
+            body = kwargs.get("data")
+            if hasattr(body, "seek"):  # an upload's file was read by the refused attempt
+                body.seek(0)
             response = self._send(method, path, **kwargs)
             if response.status_code == 401:
                 response.close()

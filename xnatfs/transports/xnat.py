@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from xnatfs import __version__
 from xnatfs.cache import Cache, Filler
-from xnatfs.exceptions import NotFoundError, ServerError, XnatfsError
+from xnatfs.exceptions import NotFoundError, ServerError, UploadError, XnatfsError
 from xnatfs.extract import ExtractLimits, StreamingExtractor
 from xnatfs.names import safe_relpath, scan_folder, unique_names
 from xnatfs.session import XnatSession, quote_part
@@ -397,10 +397,17 @@ class _Upload(io.RawIOBase):
         try:
             self._file.close()
             if not self._discard:
-                self._transport.upload(self._resource, self._server_path, self._file.name)
+                try:
+                    self._transport.upload(self._resource, self._server_path, self._file.name)
+                except Exception as error:
+                    # Keep the data: the caller may have nothing else to retry from.
+                    kept = self._file.name
+                    raise UploadError(
+                        f"{self._path}: upload failed ({error}); the data is kept in {kept}", kept
+                    ) from error
                 self._transport.invalidate(posixpath.dirname(self._path))
-        finally:
             os.unlink(self._file.name)
+        finally:
             super().close()
 
     def __exit__(self, exc_type, exc, tb) -> None:

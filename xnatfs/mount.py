@@ -167,14 +167,14 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
 
 def _daemon_error(log_file: str, offset: int) -> str:
     """Return the cause a daemon that exited early left in its log ("" if none): libfuse's own
-    complaint (it writes to stderr, which is the log) if there is one, else the daemon's error line."""
+    complaint or fusermount's (they write to stderr, which is the log), else the daemon's error line."""
     try:
         with open(log_file, "rb") as log_in:
             log_in.seek(offset)
             lines = log_in.read(1 << 16).decode(errors="replace").splitlines()
     except OSError:
         return ""
-    fuse_lines = [line.strip() for line in lines if line.startswith("fuse: ")]
+    fuse_lines = [line.strip() for line in lines if line.startswith(("fuse: ", "fusermount: ", "fusermount3: "))]
     if fuse_lines:
         return fuse_lines[-1]
     prefix = "xnatfs: error: "

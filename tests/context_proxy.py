@@ -6,15 +6,15 @@ answers 404, so a client that forgets the context path fails. Bodies are streame
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import requests
+from loopback import LoopbackServer
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authenticate"}
 
 
-class ContextProxy:
+class ContextProxy(LoopbackServer):
     def __init__(self, upstream: str, context: str = "/xnat") -> None:
         self.upstream = upstream.rstrip("/")
         self.context = context
@@ -55,19 +55,9 @@ class ContextProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_port}{context}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        super().__init__(Handler)
+        self.url = self.base_url + context
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().close()
         self._http.close()
-
-    def __enter__(self) -> ContextProxy:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

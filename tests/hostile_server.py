@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from loopback import LoopbackServer
 
 E = "/data/experiments/E1"
 LISTINGS = {
@@ -78,22 +79,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     """Runs in a thread on a free loopback port; ``url``; stop with ``close()`` or ``with``."""
 
     def __init__(self) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> HostileServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().__init__(_Handler)
+        self.url = self.base_url

@@ -19,9 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import mfusepy
-
 from xnatfs.exceptions import XnatfsError
+from xnatfs.fuse import mfusepy
 from xnatfs.transports.base import AbstractTransport, Entry
 
 log = logging.getLogger(__name__)

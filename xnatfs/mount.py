@@ -16,9 +16,8 @@ import sys
 import threading
 import time
 
-import mfusepy
-
 from xnatfs.exceptions import XnatfsError
+from xnatfs.fuse import mfusepy
 from xnatfs.fuse_ops import Operations
 from xnatfs.transports.base import AbstractTransport
 

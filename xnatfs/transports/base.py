@@ -21,7 +21,7 @@ import os
 import posixpath
 import stat as stat_module
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
@@ -163,6 +163,7 @@ class AbstractTransport:
         self._local: TTLCache[str, str] = TTLCache(maxsize=size, ttl=min(ttl, 30.0))
         self._lock = threading.Lock()
         self._listing_locks: dict[str, threading.Lock] = {}
+        self._change_listeners: list[Callable[[str], None]] = []
 
     # -- primitives ---------------------------------------------------------------------------
 
@@ -326,6 +327,27 @@ class AbstractTransport:
                 self._fresh.clear()
             else:
                 self._fresh.pop(normpath(path), None)
+
+    def add_change_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(path)`` whenever what was said about ``path`` changes after the fact
+        (e.g. a size learned from downloaded content). The mount uses it to make the kernel drop
+        the attributes and pages it keeps for that path."""
+        self._change_listeners.append(listener)
+
+    def changed(self, path: str) -> None:
+        """Forget what is cached about ``path`` here and tell the change listeners.
+
+        A transport calls it when an entry's attributes turn out different from what it listed.
+        """
+        path = normpath(path)
+        with self._lock:
+            self._stats.pop(path, None)
+            self._local.clear()
+        for listener in list(self._change_listeners):
+            try:
+                listener(path)
+            except Exception as error:  # a listener must not break the read that found the change
+                log.warning("%s: change listener failed: %s", path, error)
 
     # -- listing cache ------------------------------------------------------------------------
 

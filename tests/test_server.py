@@ -282,17 +282,25 @@ def test_uploads_report_duplicates_and_existing_resources(server):
 
 
 @pytest.mark.parametrize(
-    "path",
-    ["NEWRES/files/%2E%2E/%2E%2E/%2E%2E/evil.txt", "%2E%2E/files/evil.txt", "NEWRES/files/a%2F..%2F..%2Fevil.txt"],
+    ("path", "status"),
+    [
+        ("NEWRES/files/%2E%2E/%2E%2E/%2E%2E/evil.txt", 400),
+        ("%2E%2E/files/evil.txt", 400),
+        # Without %20 or %2B the path is not decoded: a harmless file literally named so.
+        ("NEWRES/files/a%2F..%2F..%2Fevil.txt", 200),
+        # With them it is decoded, and its ".." refused.
+        ("NEWRES/files/a%20b%2F..%2F..%2F..%2F..%2Fevil.txt", 400),
+        ("NEWRES/files/a%2Bb/%2E%2E/%2E%2E/%2E%2E/%2E%2E/evil.txt", 400),
+    ],
 )
-def test_uploads_cannot_escape_the_data_folder(server, path):
+def test_uploads_cannot_escape_the_data_folder(server, path, status):
     response = requests.put(
         f"{server.url}/data/projects/DEMO/experiments/DEMO_001_MR2/resources/{path}",
         data=b"x",
         auth=("admin", "admin"),
         timeout=10,
     )
-    assert response.status_code == 400
+    assert response.status_code == status
     assert not list(server.data_dir.rglob("evil.txt")) and not (server.data_dir.parent / "evil.txt").exists()
 
 

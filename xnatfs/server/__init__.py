@@ -33,6 +33,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"'{DEFAULT_PASSWORD}'); passwords are never taken from the command line",
     )
     parser.add_argument(
+        "--require-login",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="XNAT's requireLogin site setting (default on); with --no-require-login a request with neither "
+        "a live session nor credentials is served as the guest user, who sees public projects only",
+    )
+    parser.add_argument(
+        "--max-failed-logins",
+        type=int,
+        default=20,
+        metavar="N",
+        help="failed logins in a row that lock the account (XNAT's default 20)",
+    )
+    parser.add_argument(
+        "--lockout-seconds",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="how long a locked account stays locked (XNAT's default: an hour)",
+    )
+    parser.add_argument(
+        "--zip-compression",
+        type=int,
+        choices=range(10),
+        default=0,
+        metavar="LEVEL",
+        help="XNAT's zipCompressionMethod: 0 stores ZIP entries (the default), 1-9 deflates them "
+        "(with data descriptors); a request's ?compression=N overrides it",
+    )
+    parser.add_argument(
         "--test-hooks",
         action="store_true",
         help="enable the /_test/ endpoints (request log, injected faults); for test suites only",
@@ -65,7 +95,12 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server = XnatHTTPServer(
-            (args.host, args.port), archive, Auth(args.user, password), TestHooks() if args.test_hooks else None
+            (args.host, args.port),
+            archive,
+            Auth(args.user, password, args.max_failed_logins, args.lockout_seconds),
+            TestHooks() if args.test_hooks else None,
+            require_login=args.require_login,
+            zip_compression=args.zip_compression,
         )
     except OSError as error:
         print(f"xnatfs serve: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)

@@ -22,7 +22,7 @@ from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources as package_files
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 from .. import __version__
 from . import views
@@ -36,7 +36,7 @@ from .archive import (
     Scan,
     copy_exactly,
 )
-from .auth import Auth
+from .auth import GUEST, Auth, parse_basic
 from .faults import TestHooks
 from .importer import ImportFailed, import_dicom_zip
 from .zipstream import ZipMember, stream_zip
@@ -63,11 +63,23 @@ class XnatHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], archive: Archive, auth: Auth, hooks: TestHooks | None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        archive: Archive,
+        auth: Auth,
+        hooks: TestHooks | None,
+        require_login: bool = True,
+        zip_compression: int = 0,
+    ) -> None:
         super().__init__(address, RequestHandler)
         self.archive = archive
         self.auth = auth
         self.hooks = hooks
+        # XNAT's site settings: requireLogin=false serves requests without credentials as the guest
+        # user (public projects only); zipCompressionMethod picks STORED (0) or DEFLATE for ZIPs.
+        self.require_login = require_login
+        self.zip_compression = zip_compression
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -107,7 +119,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         length = self.headers.get("Content-Length") or "0"
         self._body_left = int(length) if length.isdigit() else 0
-        parts = [unquote(p) for p in url.path.split("/") if p]
+        parts = split_path(url.path)
         if parts[:1] == ["REST"]:  # the pre-1.5 name of /data
             parts = ["data", *parts[1:]]
         if parts[:2] == ["data", "archive"]:
@@ -247,14 +259,23 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _authenticate(self) -> str | None:
         """Return the user of this request (session cookie or Basic auth), or None.
 
-        Like XNAT, a Basic-authenticated request without a valid session gets a new session cookie.
+        Like XNAT: Basic credentials for the user the session holds are not checked again; other
+        Basic credentials are, and open a new session (cookie). Without credentials and without a
+        live session, a site with requireLogin=false answers as the guest user.
         """
         auth = self.server.auth
-        user = auth.session_user(self._cookie_session())
-        if user is None:
-            user = auth.check_basic(self.headers.get("Authorization"))
-            if user is not None:
+        session_user = auth.session_user(self._cookie_session())
+        header = self.headers.get("Authorization")
+        if parse_basic(header)[0] is not None:
+            user = auth.check_basic(header, session_user)
+            if user is not None and user != session_user:
                 self._set_session_cookie(auth.new_session(user))
+        elif session_user is not None:
+            user = session_user
+        elif not self.server.require_login:
+            user = GUEST
+        else:
+            user = None
         self._user = user or ""
         return user
 
@@ -328,7 +349,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._send_text("")
             case ["JSESSION"]:
                 session_id = self._cookie_session()
-                if self.server.auth.session_user(session_id) is None:
+                if self.server.auth.session_user(session_id) != user:
                     session_id = self.server.auth.new_session(user)
                     self._set_session_cookie(session_id)
                 self._send_text(session_id)
@@ -347,6 +368,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.command in ("POST", "DELETE") or (self.command == "PUT" and "resources" not in parts):
             raise HttpError(405, "only resources and files can be written here")
         index = self.server.archive.index()
+        if self._user == GUEST:
+            if self.command == "PUT":
+                raise HttpError(403, "guests cannot write")
+            index = index.public()  # other projects are unknown to a guest: 404, as in XNAT
         match parts:
             case ["projects"]:
                 self._listing("projects", [views.project_row(p) for p in index.projects.values()])
@@ -370,6 +395,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         match rest:
             case []:
                 self._send_json(views.project_items(project))
+            case ["accessibility"]:
+                self._send_text(project.accessibility)
             case ["subjects"]:
                 self._listing("subjects", [views.subject_row(s) for s in project.subjects.values()])
             case ["subjects", key, *more]:
@@ -400,6 +427,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         match rest:
             case []:
                 self._send_json(views.experiment_items(experiment))
+            case ["scans", *_] if not experiment.is_image_session:
+                raise HttpError(404, f"{experiment.label} is not an image session: it has no scans")
             case ["scans"]:
                 self._listing("scans", [views.scan_row(s) for s in experiment.scans.values()])
             case ["scans", selector]:
@@ -443,13 +472,10 @@ class RequestHandler(BaseHTTPRequestHandler):
                 resource = _single(owners).resource(key) or _missing(key)
                 self._send(200, views.catalog_xml(resource, self.server.archive.checksums), "application/xml")
             case ["resources", key, "files"]:
-                resources = [r for o in owners if (r := o.resource(key))]
-                if not resources and len(owners) == 1:
-                    raise HttpError(404, f"{key} not found")
-                self._files(resources)
+                # A key that selects nothing gives an empty listing (and a 404 ZIP), as in XNAT.
+                self._files([r for o in owners for r in o.select(key)])
             case ["resources", key, "files", *path]:
-                resource = _single(owners).resource(key) or _missing(key)
-                self._file(resource, path)
+                self._file(_single(owners).select(key), path)
             case ["files"]:
                 self._files([r for o in owners for r in o.resources.values()])
             case _:
@@ -468,11 +494,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             rows = [views.file_row(r, entry, checksums) for r in resources for entry in r.files()]
             self._listing(None, rows)
             return
-        members = [ZipMember(r.zip_base() + entry.path, entry) for r in resources for entry in r.files()]
+        members = [ZipMember(r.zip_name(entry.path), entry) for r in resources for entry in r.files()]
         if not members:
             raise HttpError(404, "No files match the selection")
         try:
-            level = int(self._query.get("compression", "0") or 0)
+            level = int(self._query.get("compression") or self.server.zip_compression)
         except ValueError as error:
             raise HttpError(400, "compression must be a number 0-9") from error
         if not 0 <= level <= 9:
@@ -490,13 +516,19 @@ class RequestHandler(BaseHTTPRequestHandler):
             return
         hooks = self.server.hooks
         drop_after = hooks.drop_after_bytes if hooks else None
-        for chunk in stream_zip(members, checksums.crc32, level):
-            for piece in self._paced(chunk):
-                if drop_after is not None and self._sent + len(piece) >= drop_after:
-                    self._write_chunk(piece[: drop_after - self._sent])
-                    self._abort()
-                    return
-                self._write_chunk(piece)
+        try:
+            for chunk in stream_zip(_refuse_duplicates(members), checksums.crc32, level):
+                for piece in self._paced(chunk):
+                    if drop_after is not None and self._sent + len(piece) >= drop_after:
+                        self._write_chunk(piece[: drop_after - self._sent])
+                        self._abort()
+                        return
+                    self._write_chunk(piece)
+        except DuplicateEntry as error:
+            # Java's ZipOutputStream throws mid-stream; XNAT then drops the connection.
+            print(f"xnatfs serve: ZIP broken off: {error}", file=sys.stderr, flush=True)
+            self._abort()
+            return
         self._record(self._sent)
         self.wfile.write(b"0\r\n\r\n")
 
@@ -519,10 +551,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"\r\n")
             self._sent += len(chunk)
 
-    def _file(self, resource, path: list[str]) -> None:
-        """GET/HEAD one file of a resource, sent straight from disk with its length."""
-        target = self.server.archive.safe_path(resource.directory, path)
-        if not target.is_file():
+    def _file(self, resources: list, path: list[str]) -> None:
+        """GET/HEAD one file of the first of `resources` that has it, sent from disk with its length."""
+        targets = [self.server.archive.safe_path(r.directory, path) for r in resources]
+        target = next((t for t in targets if t.is_file()), None)
+        if target is None:
             raise HttpError(404, f"{'/'.join(path)} not found")
         with open(target, "rb") as handle:
             info = os.fstat(handle.fileno())
@@ -601,8 +634,55 @@ class RequestHandler(BaseHTTPRequestHandler):
             case "POST", ["expire-sessions"]:
                 self.server.auth.expire_all_sessions()
                 self._send_text("")
+            case "PUT", ["password"]:
+                self.server.auth.set_password(self._read_body(MAX_DRAIN_BYTES).decode("utf-8"))
+                self._send_text("")
+            case "POST", ["unlock"]:
+                self.server.auth.unlock()
+                self._send_text("")
             case _:
                 raise HttpError(404)
+
+
+class DuplicateEntry(Exception):
+    """Two ZIP members with one name (XNAT's ZIP breaks off there)."""
+
+
+def _refuse_duplicates(members: list[ZipMember]) -> Iterator[ZipMember]:
+    """Yield the members; raise DuplicateEntry on reaching a name seen before (after streaming the others)."""
+    seen: set[str] = set()
+    for member in members:
+        if member.name in seen:
+            raise DuplicateEntry(f"duplicate entry: {member.name}")
+        seen.add(member.name)
+        yield member
+
+
+def split_path(path: str) -> list[str]:
+    """Split a request path into segments the way XNAT's REST layer reads them.
+
+    Segments are percent-decoded except two: the one after `resources` (a resource selector is
+    matched as sent, so a quoted label matches nothing) and the file path after `files`, which is
+    decoded (URL-form decoding, `+` as a space) only when it contains `%20` or `%2B`.
+    """
+    raw = [p for p in path.split("/") if p]
+    parts: list[str] = []
+    index = 0
+    while index < len(raw):
+        segment = raw[index]
+        if segment == "resources" and index + 1 < len(raw) and parts[:1] != ["_test"]:
+            parts += ["resources", raw[index + 1]]
+            index += 2
+            continue
+        if segment == "files" and len(parts) > 1:
+            rest = "/".join(raw[index + 1 :])
+            if "%20" in rest or "%2B" in rest:
+                rest = unquote_plus(rest)
+            parts += ["files", *[p for p in rest.split("/") if p]]
+            break
+        parts.append(unquote(segment))
+        index += 1
+    return parts
 
 
 def _missing(key: str):

@@ -121,7 +121,11 @@ class FileEntry:
 
 @dataclass(eq=False)
 class Resource:
-    """A resource folder; `owner` is the Scan, Experiment or Assessor it belongs to."""
+    """A resource folder; `owner` is the Scan, Experiment or Assessor it belongs to.
+
+    The label is the folder name unless `{folder}.json` gives one ("label", which may be empty or
+    shared with another resource of the same owner, as XNAT allows).
+    """
 
     label: str
     directory: Path
@@ -141,9 +145,31 @@ class Resource:
         """The URI prefix XNAT puts before a file's path in listings (it uses the resource's ID)."""
         return f"{self.owner.uri}/{self.owner_segment}/{self.xnat_id}/files/"
 
-    def zip_base(self) -> str:
-        """The folder this resource's files get inside an XNAT zip."""
-        return f"{self.owner.zip_folder}/{self.owner_segment}/{self.label}/files/"
+    def zip_name(self, path: str) -> str:
+        """The name XNAT gives file `path` of this resource inside a ZIP (its default "structure").
+
+        XNAT builds the name from the stored path and then rewrites it: every occurrence of the
+        experiment ID (file names included) becomes the experiment label, every folder segment equal
+        to the scan ID becomes `{ID}-{type}`, and one equal to the resource ID becomes its label.
+        """
+        experiment = self.experiment
+        raw = f"{self.owner.zip_folder}/{self.owner_segment}/{self.xnat_id}/files/{path}"
+        raw = raw.replace(experiment.id, experiment.label) if experiment.id else raw
+        *folders, name = raw.split("/")
+        scan = self.owner if isinstance(self.owner, Scan) else None
+        for index, segment in enumerate(folders):
+            if scan is not None and segment == scan.id:
+                folders[index] = scan.zip_segment
+            elif segment == self.xnat_id and self.label:
+                folders[index] = self.label
+        return "/".join([*folders, name])
+
+    def listed_size(self, entry: FileEntry) -> int:
+        """The size the catalog records for a file: the real one unless `listed_sizes` says otherwise."""
+        stale = self.meta.get("listed_sizes")
+        if isinstance(stale, dict) and entry.path in stale:
+            return int(stale[entry.path])
+        return entry.size
 
     @property
     def owner_segment(self) -> str:
@@ -173,9 +199,22 @@ class ResourceOwner:
     meta: dict
     resources: dict[str, Resource] = field(default_factory=dict)
 
+    def select(self, selector: str) -> list[Resource]:
+        """Return the resources a URL segment selects, as XNAT matches it: split on commas, an
+        all-digit part is a resource ID, any other part is compared with the labels as sent (no
+        percent-decoding). `ALL` is not special. Several resources may share a label."""
+        found = []
+        for key in selector.split(","):
+            if key.isdigit():
+                found += [r for r in self.resources.values() if r.xnat_id == key]
+            else:
+                found += [r for r in self.resources.values() if r.label == key]
+        return list(dict.fromkeys(found))
+
     def resource(self, key: str) -> Resource | None:
-        """Return the resource with this xnat_abstractresource_id or label, or None."""
-        return self.resources.get(key) or next((r for r in self.resources.values() if r.xnat_id == key), None)
+        """Return the first resource `key` selects, or None."""
+        found = self.select(key)
+        return found[0] if found else None
 
     @property
     def resource_folder(self) -> Path:
@@ -200,10 +239,15 @@ class Scan(ResourceOwner):
         return f"{self.experiment.uri}/scans/{self.id}"
 
     @property
-    def zip_folder(self) -> str:
+    def zip_segment(self) -> str:
+        """`{ID}-{type}` with every character of the type outside [A-Za-z0-9_] as `_` (the ID alone without a type)."""
         safe_type = re.sub(r"[^A-Za-z0-9_]", "_", self.type)
-        name = f"{self.id}-{safe_type}" if safe_type else self.id
-        return f"{self.experiment.label}/scans/{name}"
+        return f"{self.id}-{safe_type}" if safe_type else self.id
+
+    @property
+    def zip_folder(self) -> str:
+        """Before XNAT's rewriting (see Resource.zip_name): the experiment ID and the scan ID."""
+        return f"{self.experiment.id}/scans/{self.id}"
 
     @property
     def numeric_id(self) -> str:
@@ -230,7 +274,7 @@ class Assessor(ResourceOwner):
 
     @property
     def zip_folder(self) -> str:
-        return f"{self.experiment.label}/assessors/{self.id}"
+        return f"{self.experiment.id}/assessors/{self.id}"
 
 
 @dataclass(eq=False)
@@ -260,7 +304,12 @@ class Experiment(ResourceOwner):
 
     @property
     def zip_folder(self) -> str:
-        return self.label
+        return self.id
+
+    @property
+    def is_image_session(self) -> bool:
+        """False for subject assessors that are not image sessions (e.g. xnat:subjectVariablesData)."""
+        return self.xsi_type.endswith("SessionData")
 
     def assessor(self, key: str) -> Assessor | None:
         """Return the assessor with this ID or label, or None."""
@@ -289,6 +338,12 @@ class Project:
     meta: dict
     subjects: dict[str, Subject] = field(default_factory=dict)
 
+    @property
+    def accessibility(self) -> str:
+        """XNAT's project accessibility: "public" (guests may read it), "protected" or "private"."""
+        value = str(self.meta.get("accessibility", "private")).lower()
+        return value if value in ("public", "protected", "private") else "private"
+
     def subject(self, key: str) -> Subject | None:
         """Return the subject with this label or ID, or None."""
         return self.subjects.get(key) or next((s for s in self.subjects.values() if s.id == key), None)
@@ -309,6 +364,13 @@ class Index:
     projects: dict[str, Project]
     subjects: dict[str, Subject]
     experiments: dict[str, Experiment]
+
+    def public(self) -> Index:
+        """The part of the archive a guest sees: public projects only."""
+        projects = {k: p for k, p in self.projects.items() if p.accessibility == "public"}
+        subjects = {k: s for k, s in self.subjects.items() if s.project.id in projects}
+        experiments = {k: e for k, e in self.experiments.items() if e.project.id in projects}
+        return Index(projects, subjects, experiments)
 
 
 class Checksums:
@@ -431,13 +493,14 @@ class Archive:
         return experiment
 
     def _load_resources(self, owner: ResourceOwner) -> None:
-        for label in subfolders(owner.resource_folder):
-            directory = owner.resource_folder / label
+        for folder in subfolders(owner.resource_folder):
+            directory = owner.resource_folder / folder
             relative = directory.relative_to(self.root).as_posix()
             # A stable integer per folder stands in for XNAT's database key xnat_abstractresource_id.
             xnat_id = str(zlib.crc32(relative.encode()) & 0x7FFFFFFF)
-            meta = read_json(owner.resource_folder / f"{label}.json")
-            owner.resources[label] = Resource(label, directory, owner, xnat_id, meta)
+            meta = read_json(owner.resource_folder / f"{folder}.json")
+            label = str(meta["label"]) if meta.get("label") is not None else folder
+            owner.resources[xnat_id] = Resource(label, directory, owner, xnat_id, meta)
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -473,6 +536,8 @@ class Archive:
         Returns False, without reading the body, when the file exists and `overwrite` is false.
         """
         resource = owner.resource(resource_key)
+        if resource is None and resource_key.isdigit():
+            raise InvalidName(f"no resource with ID {resource_key}")
         folder = resource.directory if resource else self.safe_path(owner.resource_folder, [check_label(resource_key)])
         target = self.safe_path(folder, path)
         if target.exists() and not overwrite:

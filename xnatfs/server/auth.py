@@ -10,40 +10,92 @@ import time
 import uuid
 
 TOKEN_LIFETIME_SECONDS = 2 * 24 * 3600
+# XNAT's defaults: 20 failed logins (form or Basic, counted alike) lock the account for an hour.
+MAX_FAILED_LOGINS = 20
+LOCKOUT_SECONDS = 3600.0
+GUEST = "guest"
+
+
+def parse_basic(header: str | None) -> tuple[str | None, str | None]:
+    """Return (user, password) of an `Authorization: Basic ...` header, (None, None) without one."""
+    if not header or not header.lower().startswith("basic "):
+        return None, None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else (None, None)
 
 
 class Auth:
     """One user with a password, the sessions they opened and the alias tokens issued to them."""
 
-    def __init__(self, user: str, password: str) -> None:
+    def __init__(
+        self,
+        user: str,
+        password: str,
+        max_failed_logins: int = MAX_FAILED_LOGINS,
+        lockout_seconds: float = LOCKOUT_SECONDS,
+    ) -> None:
         self.user = user
         self._password = password
+        self.max_failed_logins = max_failed_logins
+        self.lockout_seconds = lockout_seconds
         self._lock = threading.Lock()
         self._sessions: dict[str, str] = {}  # session id -> user
         self._tokens: dict[str, tuple[str, str]] = {}  # alias -> (secret, user)
+        self._failures = 0  # consecutive failed logins of self.user
+        self._locked_until = 0.0
 
     def check_password(self, user: str, password: str) -> str | None:
-        """Return the user name these credentials (a password or an alias token) log in as, or None."""
-        if hmac.compare_digest(user.encode(), self.user.encode()) and hmac.compare_digest(
-            password.encode(), self._password.encode()
-        ):
-            return self.user
+        """Return the user name these credentials (a password or an alias token) log in as, or None.
+
+        Like XNAT, failed logins of the user are counted; after `max_failed_logins` in a row the
+        account is locked for `lockout_seconds` (the right password is refused meanwhile). A
+        successful login resets the count.
+        """
+        if hmac.compare_digest(user.encode(), self.user.encode()):
+            right = hmac.compare_digest(password.encode(), self._password.encode())
+            with self._lock:
+                if time.monotonic() < self._locked_until:
+                    return None
+                if right:
+                    self._failures = 0
+                    return self.user
+                self._failures += 1
+                if self._failures >= self.max_failed_logins:
+                    self._failures = 0
+                    self._locked_until = time.monotonic() + self.lockout_seconds
+            return None
         with self._lock:
             token = self._tokens.get(user)
         if token and hmac.compare_digest(password.encode(), token[0].encode()):
             return token[1]
         return None
 
-    def check_basic(self, header: str | None) -> str | None:
-        """Return the user logged in by an `Authorization: Basic ...` header, or None."""
-        if not header or not header.lower().startswith("basic "):
+    def set_password(self, password: str) -> None:
+        """Change the user's password (a test hook: the mount's password stops working)."""
+        with self._lock:
+            self._password = password
+
+    def unlock(self) -> None:
+        """Lift a lockout and forget failed logins (a test hook, as an admin would)."""
+        with self._lock:
+            self._failures = 0
+            self._locked_until = 0.0
+
+    def check_basic(self, header: str | None, session_user: str | None = None) -> str | None:
+        """Return the user logged in by an `Authorization: Basic ...` header, or None.
+
+        Like XNAT, credentials for the user the session already holds are not checked again.
+        """
+        user, password = parse_basic(header)
+        if user is None:
             return None
-        try:
-            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        user, sep, password = decoded.partition(":")
-        return self.check_password(user, password) if sep else None
+        if session_user is not None and session_user == user:
+            return session_user
+        return self.check_password(user, password or "")
 
     def new_session(self, user: str) -> str:
         """Open a session for `user`; returns its id (32 hex digits, like Tomcat's)."""

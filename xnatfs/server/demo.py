@@ -65,7 +65,7 @@ DEMO_PROJECTS = {
         },
     ),
     "PHANTOM": (
-        {"name": "Phantom scans", "description": "Quality-control phantom, MR and CT"},
+        {"name": "Phantom scans", "description": "Quality-control phantom, MR and CT", "accessibility": "public"},
         {"PHANTOM_01": [("PHANTOM_01_MR1", "2024-03-01", "MR"), ("PHANTOM_01_CT1", "2024-03-01", "CT")]},
     ),
 }

@@ -127,7 +127,7 @@ def resource_row(resource: Resource) -> dict:
         "content": _text(resource.meta.get("content")),
         "tags": _text(resource.meta.get("tags")),
         "file_count": str(len(files)),
-        "file_size": str(sum(entry.size for entry in files)),
+        "file_size": str(sum(resource.listed_size(entry) for entry in files)),
     }
 
 
@@ -135,7 +135,7 @@ def file_row(resource: Resource, entry: FileEntry, checksums: Checksums) -> dict
     """A files-listing row; the file's path in the resource is the part of URI after /files/."""
     return {
         "Name": entry.path.rsplit("/", 1)[-1],
-        "Size": str(entry.size),
+        "Size": str(resource.listed_size(entry)),
         "URI": resource.uri_base() + entry.path,
         "collection": resource.label,
         "file_tags": "",

@@ -34,14 +34,26 @@ def format_download_url(
 ) -> str:
     """Return the URL of a ZIP of one experiment's scan (or assessor) resources of one type.
 
-    ``resource_type`` may be ``ALL`` or any resource label. Raises ValueError for an
+    ``resource_type`` may be ``ALL`` (every resource: ``{kind}s/ALL/files``, since XNAT takes
+    ``ALL`` in the resource segment as a label) or a resource label, which XNAT matches as sent: a
+    label that needs percent-encoding (a space) matches nothing there, and
+    :func:`download_and_unzip_images` addresses resources by ID instead. ZIPs are asked for
+    uncompressed (``compression=0``, whatever the site's setting). Raises ValueError for an
     ``assessor_type`` other than scan or assessor (in any case).
     """
     kind = _assessor_type(assessor_type)
-    parts = [quote(str(p), safe="") for p in (project_id, subject_id, experiment_id_or_label, resource_type)]
+    selector = None if resource_type == "ALL" else quote(str(resource_type), safe="")
+    return _zip_url(XNAT_URL, project_id, subject_id, experiment_id_or_label, kind, selector)
+
+
+def _zip_url(base: str, project: str, subject: str, experiment: str, kind: str, selector: str | None) -> str:
+    """Return the URL of the ZIP of an experiment's ``kind`` resources that ``selector`` (a URL
+    segment, used as given) selects, or of all of them when it is None."""
+    parts = [quote(str(p), safe="") for p in (project, subject, experiment)]
+    resources = "" if selector is None else f"/resources/{selector}"
     return (
-        f"{XNAT_URL}/data/projects/{parts[0]}/subjects/{parts[1]}/experiments/{parts[2]}"
-        f"/{kind}s/ALL/resources/{parts[3]}/files?format=zip"
+        f"{base}/data/projects/{parts[0]}/subjects/{parts[1]}/experiments/{parts[2]}"
+        f"/{kind}s/ALL{resources}/files?format=zip&compression=0"
     )
 
 
@@ -130,9 +142,11 @@ def _download_and_unzip(
         if project is None:
             raise NotFoundError(f"no project with secondary ID {hub_project!r}")
         experiment = _find_experiment(session, project, accession_id)
+        kind = _assessor_type(assessor_type)
+        selector = _resource_selector(session, experiment["ID"], kind, resource_type)[0]
     finally:
         session.close()
-    url = format_download_url(project, experiment["subject_ID"], experiment["ID"], assessor_type, resource_type)
+    url = _zip_url(XNAT_URL, project, experiment["subject_ID"], experiment["ID"], kind, selector)
     os.makedirs(user_dir, exist_ok=True)
     zip_path = target + ".zip"
     _download(url, zip_path, headers, DEFAULT_TIMEOUT, None)
@@ -160,14 +174,15 @@ def download_experiment(
         found = _find_experiment(session, project, experiment)
         label = found.get("label") or experiment
         target = _inside(dest, label)
-        path = f"/data/experiments/{quote_part(found['ID'])}/scans/ALL/resources/{quote_part(resource)}/files"
-        total = _total_size(session, found["ID"], resource)
+        selector, total = _resource_selector(session, found["ID"], "scan", resource)
+        path = f"/data/experiments/{quote_part(found['ID'])}/scans/ALL"
+        path += "/files" if selector is None else f"/resources/{selector}/files"
         bar = Progress(label, total, enabled=progress)
         os.makedirs(dest, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=dest)
         try:
             content = os.path.join(staging, "content")
-            with session.stream(path, format="zip") as chunks:
+            with session.stream(path, format="zip", compression="0") as chunks:
                 extract_stream(_counted(chunks, bar), content, ExtractLimits())
             bar.close()
             _publish(content, target)
@@ -224,13 +239,34 @@ def _find_experiment(session: XnatSession, project: str, experiment: str) -> dic
     return row
 
 
-def _total_size(session: XnatSession, experiment_id: str, resource: str) -> int | None:
-    """Return the total size of the resource over all scans, or None if unknown (for the ETA)."""
+def _resource_selector(
+    session: XnatSession, experiment_id: str, kind: str, label: str
+) -> tuple[str | None, int | None]:
+    """Return (the resource segment selecting ``kind`` resources labelled ``label`` by their IDs, or None
+    for ``ALL``; their total listed size, or None if unknown).
+
+    XNAT matches a label in a URL as sent (no percent-decoding), so resources are addressed by
+    their ``xnat_abstractresource_id``. Raises NotFoundError when none has that label.
+    """
     try:
-        rows = session.get_rows(f"/data/experiments/{quote_part(experiment_id)}/scans/ALL/resources/{resource}/files")
-        return sum(int(r.get("Size") or 0) for r in rows) or None
-    except Exception:  # only the progress bar's ETA depends on it
-        return None
+        rows = session.get_rows(f"/data/experiments/{quote_part(experiment_id)}/{kind}s/ALL/resources")
+    except NotFoundError:
+        rows = []
+    chosen = [r for r in rows if label == "ALL" or str(r.get("label") or "") == label]
+    total = sum(_number(r.get("file_size")) for r in chosen) or None
+    if label == "ALL":
+        return None, total
+    ids = [str(r.get("xnat_abstractresource_id") or "") for r in chosen]
+    if not ids or not all(i.isdigit() for i in ids):
+        raise NotFoundError(f"no {kind} resource labelled {label!r} in experiment {experiment_id}")
+    return ",".join(ids), total
+
+
+def _number(text: object) -> int:
+    try:
+        return int(str(text))
+    except ValueError:
+        return 0
 
 
 def _counted(chunks, bar: Progress):

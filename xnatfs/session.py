@@ -2,15 +2,24 @@
 
 :class:`XnatSession` is the one place where xnatfs speaks HTTP to XNAT. Every request has a
 connect and a read timeout; connection errors and 5xx answers are retried with backoff until the
-request's deadline; a 401 (an expired session) logs in again once and repeats the request; 403
-and 404 become :class:`~xnatfs.exceptions.AccessDeniedError` and
+request's deadline; 403 and 404 become :class:`~xnatfs.exceptions.AccessDeniedError` and
 :class:`~xnatfs.exceptions.NotFoundError`. Messages name the path, never a credential.
+
+Credentials go with every request (Basic auth beside the session cookie): XNAT does not check them
+again while the session holds that user, and when the session has expired they log in anew on the
+spot. Re-logging-in only after a 401 is not enough: a site with ``requireLogin=false`` answers an
+expired session as the guest user, and private data would silently disappear. So a 401 means the
+credentials themselves were refused. XNAT locks an account after 20 failed logins, so after a refusal
+no request is sent for a while (15 s, doubling up to 10 min, ``XNATFS_AUTH_RETRY_SECONDS`` sets the
+first wait): calls fail at once with :class:`~xnatfs.exceptions.AuthenticationError` meanwhile, and
+the first request after the wait tries again, so a password that works again is picked up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +42,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 CHUNK_SIZE = 1 << 20
+AUTH_RETRY_SECONDS = 15.0  # first wait after refused credentials; doubles per refusal
+AUTH_RETRY_MAX_SECONDS = 600.0
+
+
+def auth_retry_seconds() -> float:
+    """Return the first wait after refused credentials (env ``XNATFS_AUTH_RETRY_SECONDS``, default 15)."""
+    try:
+        return max(float(os.environ.get("XNATFS_AUTH_RETRY_SECONDS", AUTH_RETRY_SECONDS)), 0.0)
+    except ValueError:
+        return AUTH_RETRY_SECONDS
 
 
 def quote_part(part: str) -> str:
@@ -47,7 +66,8 @@ class XnatSession:
     ``password`` may be an alias token and its secret; ``headers`` may carry ready-made
     authentication (``Authorization``, ``Cookie``) instead. ``timeout`` bounds every network wait
     (seconds): a request whose server is down or stalled fails within about that time.
-    Thread-safe: the mount shares one session between all its threads.
+    ``auth_retry`` is the first wait (seconds) after refused credentials (default: see
+    :func:`auth_retry_seconds`). Thread-safe: the mount shares one session between all its threads.
     """
 
     def __init__(
@@ -58,6 +78,7 @@ class XnatSession:
         timeout: float = DEFAULT_TIMEOUT,
         verify: bool | str = True,
         headers: dict[str, str] | None = None,
+        auth_retry: float | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.user = user
@@ -71,8 +92,15 @@ class XnatSession:
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
         self._http.mount("http://", adapter)
         self._http.mount("https://", adapter)
+        if user is not None:
+            self._http.auth = (user, password or "")  # Basic on every request, see the module doc
         self._login_lock = threading.Lock()
         self._logged_in = False
+        self._auth_retry = auth_retry_seconds() if auth_retry is None else float(auth_retry)
+        self._refusals = 0  # refusals of the credentials in a row
+        self._refused_until = 0.0  # monotonic time before which no request is sent
+        self._refusal_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"XnatSession({self.url!r}, user={self.user!r})"
@@ -93,15 +121,43 @@ class XnatSession:
         self._logged_in = False
         if self.user is None:
             return  # anonymous access, where the server allows it
+        self._check_not_refused()
         # GET /data/JSESSION with Basic auth works for users and alias tokens alike.
-        response = self._send("GET", "/data/JSESSION", auth=(self.user, self._password or ""), login=True)
+        response = self._send("GET", "/data/JSESSION", login=True)
         if response.status_code == 401:
+            response.close()
+            self._refused()
             raise AuthenticationError(f"{self.url}: login refused for user {self.user!r} (bad user or password)")
         self._raise_for_status(response, "/data/JSESSION")
+        self._accepted()
         session_id = response.text.strip()
         if session_id and "<" not in session_id:
             self._http.cookies.set("JSESSIONID", session_id)
         self._logged_in = True
+
+    def _check_not_refused(self) -> None:
+        """Raise AuthenticationError while the wait after refused credentials lasts."""
+        left = self._refused_until - time.monotonic()
+        if left > 0:
+            raise AuthenticationError(
+                f"{self.url}: the credentials for {self.user!r} were refused; not trying again for {left:.0f} s "
+                "(XNAT locks accounts after repeated failed logins)"
+            )
+
+    def _refused(self) -> None:
+        """Count a refusal of the credentials and start the wait before the next try."""
+        with self._refusal_lock:
+            self._refusals += 1
+            wait = min(self._auth_retry * 2 ** (self._refusals - 1), AUTH_RETRY_MAX_SECONDS)
+            self._refused_until = time.monotonic() + wait
+        log.warning("%s: credentials for %r refused; next try in %.0f s", self.url, self.user, wait)
+
+    def _accepted(self) -> None:
+        with self._refusal_lock:
+            if self._refusals:
+                log.info("%s: credentials for %r accepted again", self.url, self.user)
+            self._refusals = 0
+            self._refused_until = 0.0
 
     def close(self) -> None:
         """End the session on the server (best effort) and close connections."""
@@ -115,28 +171,34 @@ class XnatSession:
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """Send a request to ``path`` (below the base URL) and return the successful response.
 
-        Retries connection errors and 5xx until the deadline (``timeout`` seconds), logs in
-        again once on 401. Raises NotFoundError (404), AccessDeniedError (403),
-        AuthenticationError (401 after a fresh login), ServerError (other errors),
-        ConnectionFailedError (server unreachable or not answering in time).
+        Retries connection errors and 5xx until the deadline (``timeout`` seconds). Raises
+        NotFoundError (404), AccessDeniedError (403), AuthenticationError (401: the credentials
+        were refused, or were recently and the wait before trying again lasts), ServerError (other
+        errors), ConnectionFailedError (server unreachable or not answering in time).
         """
-        if not self._logged_in and self.user is not None:
-            with self._login_lock:
-                if not self._logged_in:
-                    self._login()
-        response = self._send(method, path, **kwargs)
-        if response.status_code == 401 and self.user is not None:
-            response.close()
-            log.info("%s: session expired, logging in again", self.url)
-            with self._login_lock:
-                self._login()
-            body = kwargs.get("data")
-            if hasattr(body, "seek"):  # an upload's file was read by the refused attempt
-                body.seek(0)
+        if self.user is None:
             response = self._send(method, path, **kwargs)
-            if response.status_code == 401:
-                response.close()
-                raise AuthenticationError(f"{self.url}: credentials for {self.user!r} no longer accepted")
+        else:
+            self._check_not_refused()
+            if not self._logged_in:
+                with self._login_lock:
+                    if not self._logged_in:
+                        self._login()
+            # After a refusal, one request at a time tries the credentials again; the others fail.
+            probe = self._refusals > 0
+            if probe and not self._probe_lock.acquire(blocking=False):
+                raise AuthenticationError(f"{self.url}: the credentials for {self.user!r} are being tried again")
+            try:
+                response = self._send(method, path, **kwargs)
+                if response.status_code == 401:
+                    response.close()
+                    self._refused()
+                    raise AuthenticationError(f"{self._where(path)}: credentials for {self.user!r} refused (HTTP 401)")
+                if response.status_code < 400 and self._refusals:
+                    self._accepted()
+            finally:
+                if probe:
+                    self._probe_lock.release()
         self._raise_for_status(response, path)
         return response
 

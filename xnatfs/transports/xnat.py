@@ -12,6 +12,8 @@ extracts it, as it arrives, into the cache; the reader gets its file as soon as 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from xnatfs import __version__
 from xnatfs.cache import Cache, Filler
@@ -38,25 +40,70 @@ log = logging.getLogger(__name__)
 
 # The path of a file inside an XNAT ZIP, after its resource's "files" folder.
 _ZIP_MEMBER = re.compile(r"^[^/]+/(?:scans/[^/]+/|assessors/[^/]+/out/)?resources/[^/]+/files/(.+)$")
+# Characters XNAT takes literally in a file path (RFC 3986 path characters other than "%").
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
+# Experiment types that have scans; others (subject assessors such as xnat:subjectVariablesData) do not.
+_IMAGE_SESSION_SUFFIX = "SessionData"
 
 
 @dataclass(frozen=True)
 class Resource:
-    """Where a resource lives on the server: enough to list, download and upload it."""
+    """Where a resource lives on the server: enough to list, download and upload it.
+
+    ``resource_id`` is XNAT's ``xnat_abstractresource_id``; URLs use it, never the label (XNAT
+    matches the label as sent, without percent-decoding, and several resources may share one).
+    A resource not created yet has no ID and is addressed by its label.
+    """
 
     project: str
     experiment_id: str
     scan_id: str | None  # None for a session resource
     label: str
     resource_id: str = ""
+    experiment_label: str = ""
+    scan_type: str = ""
 
     @property
     def api_path(self) -> str:
-        """Return the resource's REST path, e.g. ``/data/experiments/E1/scans/2/resources/DICOM``."""
+        """Return the resource's REST path, e.g. ``/data/experiments/E1/scans/2/resources/12345``."""
         base = f"/data/experiments/{quote_part(self.experiment_id)}"
         if self.scan_id is not None:
             base += f"/scans/{quote_part(self.scan_id)}"
-        return f"{base}/resources/{quote_part(self.label)}"
+        return f"{base}/resources/{quote_part(self.resource_id or self.label)}"
+
+    def zip_name(self, server_path: str) -> str:
+        """Return the path XNAT gives a file below ``files/`` in this resource's ZIP.
+
+        XNAT rewrites entry names: the experiment ID anywhere (file names included) becomes the
+        experiment label, a folder named like the scan ID becomes ``{ID}-{type}``, and one named
+        like the resource ID becomes the label.
+        """
+        path = server_path
+        if self.experiment_id and self.experiment_label:
+            path = path.replace(self.experiment_id, self.experiment_label)
+        *folders, name = path.split("/")
+        for index, folder in enumerate(folders):
+            if self.scan_id is not None and folder == self.scan_id:
+                folders[index] = scan_folder(self.scan_id, self.scan_type)
+            elif self.resource_id and folder == self.resource_id and self.label:
+                folders[index] = self.label
+        return "/".join([*folders, name])
+
+
+def file_url_path(server_path: str) -> str:
+    """Return ``server_path`` as XNAT needs it after ``files/`` to mean exactly that stored name.
+
+    XNAT takes the path as sent unless it contains ``%20`` or ``%2B``; then it URL-decodes all of it
+    (``+`` as a space). A path of plain URL characters goes as it is (``a(1).nii``); one with a space
+    or a ``+`` and anything else is encoded completely. Raises ValueError for a name XNAT cannot be
+    told (characters that need encoding, but neither a space nor a ``+`` to make XNAT decode).
+    """
+    if all(c.isascii() and (c.isalnum() or c in _PATH_SAFE) for c in server_path):
+        return server_path
+    encoded = quote(server_path, safe="/")
+    if "%20" in encoded or "%2B" in encoded:
+        return encoded
+    raise ValueError(f"{server_path!r}: XNAT cannot store or serve this name through its REST API")
 
 
 @dataclass(frozen=True)
@@ -117,6 +164,9 @@ class XnatTransport(AbstractTransport):
         self.limits: ExtractLimits = self.opts.get("extract_limits") or ExtractLimits()
         self.started = time.time()
         self.downloads = 0  # ZIP downloads started by this transport
+        # Sizes learned from downloaded content where the listing's Size was stale (XNAT's catalog
+        # records a size that may be out of date; the bytes win).
+        self._true_sizes: dict[tuple[str, str, str, int], int] = {}
 
     def close(self) -> None:
         self.session.close()
@@ -133,24 +183,29 @@ class XnatTransport(AbstractTransport):
             return self._experiments(parts[0], self.stat(path))
         experiment = self.stat(_join(parts[:3]))
         if len(parts) == 3:
+            if not str(experiment.ref.get("xsiType") or _IMAGE_SESSION_SUFFIX).endswith(_IMAGE_SESSION_SUFFIX):
+                return [self._folder("resources", experiment)]  # e.g. xnat:subjectVariablesData: no scans
             return [self._folder("scans", experiment), self._folder("resources", experiment)]
         if parts[3] == "scans":
             if len(parts) == 4:
-                return self._scans(experiment)
+                try:
+                    return self._scans(experiment)
+                except NotFoundError:
+                    return []  # XNAT answers 404 for experiments without scans (subject assessors)
             scan = self.stat(_join(parts[:5]))
             if len(parts) == 5:
                 return [self._folder("resources", scan, experiment.mtime)]
             if parts[5] != "resources":
                 raise FileNotFoundError(path)
-            return self._resource_level(parts, 6, experiment, scan.ref["ID"])
+            return self._resource_level(parts, 6, experiment, scan.ref)
         if parts[3] == "resources":
             return self._resource_level(parts, 4, experiment, None)
         raise FileNotFoundError(path)
 
-    def _resource_level(self, parts: list[str], at: int, experiment: Entry, scan_id: str | None) -> list[Entry]:
+    def _resource_level(self, parts: list[str], at: int, experiment: Entry, scan: dict | None) -> list[Entry]:
         """List ``.../resources`` (``parts[at]`` absent), ``.../resources/{label}`` or below ``files``."""
         if len(parts) == at:
-            return self._resources(experiment, scan_id)
+            return self._resources(experiment, scan)
         resource = self.stat(_join(parts[: at + 1]))
         if len(parts) == at + 1:
             return [self._folder("files", resource, experiment.mtime)]
@@ -186,14 +241,17 @@ class XnatTransport(AbstractTransport):
             row["folder"] = scan_folder(str(row.get("ID", "")), row.get("type"))
         return self._entries(rows, "folder", lambda r: f"scan:{eid}/{r.get('ID')}", experiment.mtime)
 
-    def _resources(self, experiment: Entry, scan_id: str | None) -> list[Entry]:
+    def _resources(self, experiment: Entry, scan: dict | None) -> list[Entry]:
         eid = experiment.ref["ID"]
+        scan_id = None if scan is None else str(scan.get("ID", ""))
         path = f"/data/experiments/{quote_part(eid)}"
         if scan_id is not None:
             path += f"/scans/{quote_part(scan_id)}"
-        rows = self.session.get_rows(path + "/resources")
+        rows = [r for r in self.session.get_rows(path + "/resources") if r.get("xnat_abstractresource_id")]
+        for row, name in zip(rows, resource_names(rows)):
+            row["folder"] = name
         entries = self._entries(
-            rows, "label", lambda r: f"resource:{r.get('xnat_abstractresource_id')}", experiment.mtime
+            rows, "folder", lambda r: f"resource:{r.get('xnat_abstractresource_id')}", experiment.mtime
         )
         project = str(experiment.ref.get("project", ""))
         return [
@@ -203,7 +261,13 @@ class XnatTransport(AbstractTransport):
                 mtime=e.mtime,
                 key=e.key,
                 ref=Resource(
-                    project, eid, scan_id, str(e.ref["label"]), str(e.ref.get("xnat_abstractresource_id", ""))
+                    project,
+                    eid,
+                    scan_id,
+                    str(e.ref.get("label") or ""),
+                    str(e.ref["xnat_abstractresource_id"]),
+                    str(experiment.ref.get("label") or ""),
+                    "" if scan is None else str(scan.get("type") or ""),
                 ),
             )
             for e in entries
@@ -225,7 +289,9 @@ class XnatTransport(AbstractTransport):
             else:
                 # With the digest, changed content is a new file to the open-file memos and st_ino.
                 key = f"{resource.api_path}:{child.server_path}:{child.digest or child.size}"
-                entries.append(Entry(name, False, child.size, mtime + _version_fraction(child), key, child))
+                with self._lock:
+                    size = self._true_sizes.get(_size_key(child), child.size)
+                entries.append(Entry(name, False, size, mtime + _version_fraction(child), key, child))
         return entries
 
     def _file_listing(self, resource: Resource) -> FileListing:
@@ -285,30 +351,60 @@ class XnatTransport(AbstractTransport):
             resource.project,
             resource.experiment_id,
             resource.scan_id or "",
-            resource.label,
+            resource.resource_id or resource.label,
         )
 
         def fill(filler: Filler) -> None:
             self._download_resource(resource, listing, filler)
 
-        return self.cache.entry(key, listing.version).get(remote.cache_path, fill, timeout=self.timeout)
+        local = self.cache.entry(key, listing.version).get(remote.cache_path, fill, timeout=self.timeout)
+        self._check_size(path, entry, local)
+        return local
+
+    def _check_size(self, path: str, entry: Entry, local: str) -> None:
+        """When the downloaded file's size differs from the listed one, the bytes win: the listing
+        entry gets the true size and the change listeners (the mount) are told."""
+        try:
+            size = os.path.getsize(local)
+        except OSError:
+            return
+        if size == entry.size:
+            return
+        log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
+        parent, name = posixpath.split(path)
+        with self._lock:
+            self._true_sizes[_size_key(entry.ref)] = size
+            for listings in (self._fresh, self._last):
+                listing = listings.get(parent)
+                if listing is not None and name in listing:
+                    listings[parent] = {**listing, name: dataclasses.replace(listing[name], size=size)}
+        self.changed(path)
 
     def _download_resource(self, resource: Resource, listing: FileListing, filler: Filler) -> None:
-        """Download ``resource`` as one ZIP and extract it into ``filler.staging`` as it arrives."""
+        """Download ``resource`` as one ZIP and extract it into ``filler.staging`` as it arrives.
+
+        ZIP entries are mapped back to listed files by XNAT's renaming rules (see
+        :meth:`Resource.zip_name`); entries that match no listed file are skipped, and listed files
+        the ZIP did not bring (a name the rules leave ambiguous) are downloaded one by one.
+        """
         self.downloads += 1
         log.info("downloading %s as ZIP (%d files)", resource.api_path, len(listing.files))
+        by_zip_name = zip_names(resource, listing)
+        received: set[str] = set()
 
         def map_name(name: str) -> str | None:
             match = _ZIP_MEMBER.match(name)
-            if match is None:
-                log.warning("%s: unexpected ZIP entry %r skipped", resource.api_path, name)
+            cache_path = by_zip_name.get(match.group(1)) if match else None
+            if cache_path is None or cache_path in received:
+                log.warning("%s: ZIP entry %r matches no listed file; skipped", resource.api_path, name)
                 return None
-            remote = listing.files.get(match.group(1))
-            return remote.cache_path if remote is not None else safe_relpath(match.group(1))
+            received.add(cache_path)
+            return cache_path
 
         extractor = StreamingExtractor(filler.staging, self.limits, map_name=map_name, on_member=filler.publish)
         try:
-            with self.session.stream(resource.api_path + "/files", format="zip") as chunks:
+            # compression=0 overrides a site that deflates ZIPs: stored entries stream, and cost no CPU.
+            with self.session.stream(resource.api_path + "/files", format="zip", compression="0") as chunks:
                 for chunk in chunks:
                     extractor.feed(chunk)
                     filler.progress()
@@ -316,6 +412,33 @@ class XnatTransport(AbstractTransport):
         except BaseException as error:
             extractor.fail(error)
             raise
+        for remote in listing.files.values():
+            if remote.cache_path not in received:
+                self._download_one(remote, filler)
+
+    def _download_one(self, remote: RemoteFile, filler: Filler) -> None:
+        """Download one listed file by itself into the staging folder (when the ZIP lacked it)."""
+        try:
+            url = f"{remote.resource.api_path}/files/{file_url_path(remote.server_path)}"
+        except ValueError as error:
+            log.warning("%s: %s", remote.resource.api_path, error)
+            return
+        target = os.path.join(filler.staging, remote.cache_path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        partial = f"{target}.xnatfs-partial"
+        try:
+            with self.session.stream(url) as chunks, open(partial, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    filler.progress()
+            os.rename(partial, target)
+        except NotFoundError:
+            log.warning("%s: listed but not on the server", url)
+            return
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+        filler.publish(remote.cache_path)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -330,8 +453,13 @@ class XnatTransport(AbstractTransport):
             raise PermissionError(f"{path}: only files inside a resource's files folder can be written")
         if not rest:
             raise IsADirectoryError(path)
-        experiment = self.stat(_join(parts[:3]))
-        resource = Resource(str(experiment.ref.get("project", "")), experiment.ref["ID"], scan_id, label)
+        folder = _join(parts[: 7 if scan_id is not None else 5])
+        try:
+            resource = self.stat(folder).ref  # an existing resource: addressed by its ID
+        except FileNotFoundError:
+            experiment = self.stat(_join(parts[:3]))
+            resource = Resource(str(experiment.ref.get("project", "")), experiment.ref["ID"], scan_id, label)
+        file_url_path("/".join(rest))  # refuses at open a name XNAT could not store
         return _Upload(self, resource, "/".join(rest), path, mode)
 
     def upload(self, resource: Resource, server_path: str, local_path: str) -> None:
@@ -344,7 +472,7 @@ class XnatTransport(AbstractTransport):
         with open(local_path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 md5.update(block)
-        url = f"{resource.api_path}/files/{'/'.join(quote_part(p) for p in server_path.split('/'))}"
+        url = f"{resource.api_path}/files/{file_url_path(server_path)}"
         with open(local_path, "rb") as body:
             self.session.request(
                 "PUT",
@@ -452,6 +580,39 @@ def file_listing(resource: Resource, rows: list[dict[str, str]]) -> FileListing:
     return FileListing(files, tree, version)
 
 
+def zip_names(resource: Resource, listing: FileListing) -> dict[str, str]:
+    """Return {path below ``files/`` in the resource's ZIP: cache path} for the listed files.
+
+    A ZIP name that two listed files would both get is left out (neither can be told from it).
+    """
+    found: dict[str, list[str]] = {}
+    for remote in listing.files.values():
+        found.setdefault(resource.zip_name(remote.server_path), []).append(remote.cache_path)
+    return {name: paths[0] for name, paths in found.items() if len(paths) == 1}
+
+
+def resource_names(rows: list[dict[str, str]]) -> list[str]:
+    """Return a folder name for each resource row (same order), deterministic and unique.
+
+    The label, except: a resource without a label is named by its ID; of several resources with
+    one label, the one with the lowest ID keeps it and the others are ``{label}~{ID}``.
+    """
+
+    def id_key(row: dict[str, str]) -> tuple[int, str]:
+        rid = str(row.get("xnat_abstractresource_id") or "")
+        return (int(rid) if rid.isdigit() else 0, rid)
+
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+    for index, row in sorted(enumerate(rows), key=lambda pair: id_key(pair[1])):
+        label = str(row.get("label") or "")
+        rid = str(row.get("xnat_abstractresource_id") or "")
+        name = label if label and label not in taken else f"{label}~{rid}" if label else rid
+        taken.add(label)
+        names[index] = name
+    return [names[i] for i in range(len(rows))]
+
+
 def parse_date(text: str | None) -> float | None:
     """Return epoch seconds of an XNAT date ("2024-01-31" or "2024-01-31 12:00:00.0"), or None."""
     if not text:
@@ -473,6 +634,11 @@ def server_url(url: str | None, netloc: str | None = None, root: str | None = No
     if not netloc:
         raise XnatfsError("an XNAT transport needs a server address")
     return f"https://{netloc}{(root or '').rstrip('/')}"
+
+
+def _size_key(remote: RemoteFile) -> tuple[str, str, str, int]:
+    """What a stale listed size is remembered by: the file and what its listing said."""
+    return (remote.resource.resource_id or remote.resource.api_path, remote.server_path, remote.digest, remote.size)
 
 
 def _join(parts: list[str]) -> str:

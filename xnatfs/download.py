@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
-from xnatfs.exceptions import NotFoundError, UnsafeArchiveError
+from xnatfs.exceptions import NotFoundError, ServerError, UnsafeArchiveError
 from xnatfs.extract import ExtractLimits, extract_stream, extract_zip
 from xnatfs.progress import Progress
 from xnatfs.session import XnatSession, quote_part
+from xnatfs.transports.xnat import resource_names
 
 XNAT_URL: str = os.environ.get("XNAT_URL", "").rstrip("/")
 BASE_IMAGES_DOWNLOAD_DIR: str = os.environ.get("BASE_IMAGES_DOWNLOAD_DIR", "")
@@ -142,15 +145,17 @@ def _download_and_unzip(
         if project is None:
             raise NotFoundError(f"no project with secondary ID {hub_project!r}")
         experiment = _find_experiment(session, project, accession_id)
-        kind = _assessor_type(assessor_type)
-        selector = _resource_selector(session, experiment["ID"], kind, resource_type)[0]
+        os.makedirs(user_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=user_dir)
+        try:
+            content = os.path.join(staging, "content")
+            _fetch_resources(session, experiment["ID"], _assessor_type(assessor_type), resource_type, content, None)
+            _publish(content, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
     finally:
         session.close()
-    url = _zip_url(XNAT_URL, project, experiment["subject_ID"], experiment["ID"], kind, selector)
-    os.makedirs(user_dir, exist_ok=True)
-    zip_path = target + ".zip"
-    _download(url, zip_path, headers, DEFAULT_TIMEOUT, None)
-    return unzip_file(zip_path, user_dir, os.path.basename(target))
 
 
 def download_experiment(
@@ -174,17 +179,12 @@ def download_experiment(
         found = _find_experiment(session, project, experiment)
         label = found.get("label") or experiment
         target = _inside(dest, label)
-        selector, total = _resource_selector(session, found["ID"], "scan", resource)
-        path = f"/data/experiments/{quote_part(found['ID'])}/scans/ALL"
-        path += "/files" if selector is None else f"/resources/{selector}/files"
-        bar = Progress(label, total, enabled=progress)
         os.makedirs(dest, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=dest)
         try:
             content = os.path.join(staging, "content")
-            with session.stream(path, format="zip", compression="0") as chunks:
-                extract_stream(_counted(chunks, bar), content, ExtractLimits())
-            bar.close()
+            bar = lambda total: Progress(label, total, enabled=progress)  # noqa: E731
+            _fetch_resources(session, found["ID"], "scan", resource, content, bar)
             _publish(content, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -239,27 +239,82 @@ def _find_experiment(session: XnatSession, project: str, experiment: str) -> dic
     return row
 
 
-def _resource_selector(
-    session: XnatSession, experiment_id: str, kind: str, label: str
-) -> tuple[str | None, int | None]:
-    """Return (the resource segment selecting ``kind`` resources labelled ``label`` by their IDs, or None
-    for ``ALL``; their total listed size, or None if unknown).
+def _fetch_resources(
+    session: XnatSession,
+    experiment_id: str,
+    kind: str,
+    label: str,
+    content: str,
+    progress: Callable[[int | None], Progress] | None,
+) -> None:
+    """Download an experiment's ``kind`` resources labelled ``label`` (or ``ALL``) into the new folder
+    ``content``, in XNAT's ZIP layout, extracting while downloading.
 
-    XNAT matches a label in a URL as sent (no percent-decoding), so resources are addressed by
-    their ``xnat_abstractresource_id``. Raises NotFoundError when none has that label.
+    Resources are addressed by ``xnat_abstractresource_id`` (XNAT matches a label in a URL as sent,
+    without percent-decoding), ``ALL`` by ``{kind}s/ALL/files``. Two resources of one scan with one
+    label would give one ZIP two equal entries, which XNAT breaks off: each of those comes in a ZIP
+    of its own and gets the folder name the mount shows (``{label}~{ID}`` for all but the lowest
+    ID). Raises NotFoundError when no resource has that label.
     """
+    base = f"/data/experiments/{quote_part(experiment_id)}/{kind}s/ALL"
     try:
-        rows = session.get_rows(f"/data/experiments/{quote_part(experiment_id)}/{kind}s/ALL/resources")
+        rows = session.get_rows(f"{base}/resources")
     except NotFoundError:
         rows = []
     chosen = [r for r in rows if label == "ALL" or str(r.get("label") or "") == label]
-    total = sum(_number(r.get("file_size")) for r in chosen) or None
-    if label == "ALL":
-        return None, total
-    ids = [str(r.get("xnat_abstractresource_id") or "") for r in chosen]
-    if not ids or not all(i.isdigit() for i in ids):
+    if label != "ALL" and not chosen:
         raise NotFoundError(f"no {kind} resource labelled {label!r} in experiment {experiment_id}")
-    return ",".join(ids), total
+    by_owner: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for row in chosen:
+        by_owner.setdefault((str(row.get("cat_id") or ""), str(row.get("label") or "")), []).append(row)
+    alone = [r for group in by_owner.values() if len(group) == 1 for r in group]
+    renamed = [
+        (row, name) for group in by_owner.values() if len(group) > 1 for row, name in zip(group, resource_names(group))
+    ]
+    if label == "ALL" and not renamed:
+        zips = [(f"{base}/files", None)]
+    else:
+        zips = [(f"{base}/resources/{','.join(_ids(alone))}/files", None)] if alone else []
+        zips += [(f"{base}/resources/{_ids([row])[0]}/files", name) for row, name in renamed]
+    bar = progress(sum(_number(r.get("file_size")) for r in chosen) or None) if progress else None
+    os.makedirs(content)
+    for index, (path, name) in enumerate(zips):
+        part = os.path.join(os.path.dirname(content), f"part-{index}")
+        with session.stream(path, format="zip", compression="0") as chunks:
+            extract_stream(_counted(chunks, bar) if bar else chunks, part, ExtractLimits())
+        if name is not None:
+            _rename_resource(part, name)
+        _merge(part, content)
+    if bar:
+        bar.close()
+
+
+def _ids(rows: list[dict[str, str]]) -> list[str]:
+    ids = [str(r.get("xnat_abstractresource_id") or "") for r in rows]
+    if not all(i.isdigit() for i in ids):
+        raise ServerError("the server listed a resource without a numeric xnat_abstractresource_id")
+    return ids
+
+
+def _rename_resource(part: str, name: str) -> None:
+    """Rename the one resource folder (``*/scans/*/resources/X``) of an extracted ZIP to ``name``."""
+    found = glob.glob(os.path.join(glob.escape(part), "*", "*", "*", "resources", "*"))
+    if len(found) != 1:
+        raise ServerError(f"a resource's ZIP held {len(found)} resource folders, not one")
+    os.rename(found[0], os.path.join(os.path.dirname(found[0]), name))
+
+
+def _merge(source: str, target: str) -> None:
+    """Move every file below ``source`` to the same place below ``target`` (never replacing one)."""
+    for root, _dirs, names in os.walk(source):
+        relative = os.path.relpath(root, source)
+        os.makedirs(os.path.join(target, relative), exist_ok=True)
+        for name in names:
+            destination = os.path.join(target, relative, name)
+            if os.path.lexists(destination):
+                raise UnsafeArchiveError(f"two ZIPs hold {os.path.join(relative, name)!r}")
+            os.rename(os.path.join(root, name), destination)
+    shutil.rmtree(source, ignore_errors=True)
 
 
 def _number(text: object) -> int:
@@ -269,7 +324,7 @@ def _number(text: object) -> int:
         return 0
 
 
-def _counted(chunks, bar: Progress):
+def _counted(chunks: Iterable[bytes], bar: Progress) -> Iterator[bytes]:
     for chunk in chunks:
         bar.update(len(chunk))
         yield chunk

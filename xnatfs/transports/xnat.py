@@ -533,7 +533,11 @@ class _Upload(io.RawIOBase):
                     raise UploadError(
                         f"{self._path}: upload failed ({error}); the data is kept in {kept}", kept
                     ) from error
-                self._transport.invalidate(posixpath.dirname(self._path))
+                # Every folder from the file up to the resource's "files" may have gained an entry.
+                folder = posixpath.dirname(self._path)
+                for _ in range(self._server_path.count("/") + 1):
+                    self._transport.invalidate(folder)
+                    folder = posixpath.dirname(folder)
             os.unlink(self._file.name)
         finally:
             super().close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from mounting import credentials_env, mounted, xnatfs
+from mounting import credentials_env, mounted, xnatfs, zip_downloads
 from server_process import ServerProcess
 
 from xnatfs import download
@@ -171,31 +171,31 @@ def test_mount_shows_and_reads_awkward_labels_duplicates_and_renamed_zip_entries
     empty = ids[""][0]
     mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
     data = deployed.data_dir / "PUB/S1" / EXPERIMENT_LABEL / "scans/1/resources"
+    expected = {
+        "DICOM RAW/files/a(1).nii": data / "DICOM RAW/a(1).nii",
+        "DICOM RAW/files/é (2).txt": data / "DICOM RAW/é (2).txt",
+        "NIFTI/files/XNAT_E00031_T1.nii": data / "NIFTI/XNAT_E00031_T1.nii",
+        "NIFTI/files/1/c.dcm": data / "NIFTI/1/c.dcm",
+        f"{empty}/files/e.txt": data / "unlabelled/e.txt",
+    }
+    # Which folder shows which DUP is decided by the resource IDs (the lowest keeps the label).
+    folders = {dup_low: "DUP", dup_high: f"DUP~{dup_high}"}
+    for folder_name in ("dup_a", "dup_b"):
+        content = (data / folder_name / "same.txt").read_bytes()
+        base = f"/data/experiments/{EXPERIMENT_ID}/scans/1/resources"
+        rid = next(i for i in ids["DUP"] if api_get(deployed, f"{base}/{i}/files/same.txt").content == content)
+        expected[f"{folders[rid]}/files/same.txt"] = data / folder_name / "same.txt"
+    deployed.clear_requests()
     with mounted(deployed.url, mnt, cache, credentials_env(deployed)):
-        assert sorted(os.listdir(mnt + SCAN)) == sorted(
-            ["DICOM RAW", "DUP", f"DUP~{dup_high}", "NIFTI", empty, "STALE"]
-        )
-        expected = {
-            "DICOM RAW/files/a(1).nii": data / "DICOM RAW/a(1).nii",
-            "DICOM RAW/files/é (2).txt": data / "DICOM RAW/é (2).txt",
-            "NIFTI/files/XNAT_E00031_T1.nii": data / "NIFTI/XNAT_E00031_T1.nii",
-            "NIFTI/files/1/c.dcm": data / "NIFTI/1/c.dcm",
-            f"{empty}/files/e.txt": data / "unlabelled/e.txt",
-        }
-        # Which folder got which DUP is decided by the resource IDs (lowest keeps the label).
-        folders = {dup_low: "DUP", dup_high: f"DUP~{dup_high}"}
-        for folder_name in ("dup_a", "dup_b"):
-            rid = next(i for i in ids["DUP"] if requests.get(
-                f"{deployed.url}/data/experiments/{EXPERIMENT_ID}/scans/1/resources/{i}/files/same.txt",
-                auth=(deployed.user, deployed.password), timeout=10,
-            ).content == (data / folder_name / "same.txt").read_bytes())  # fmt: skip
-            expected[f"{folders[rid]}/files/same.txt"] = data / folder_name / "same.txt"
+        names = sorted(os.listdir(mnt + SCAN))
+        assert names == sorted(["DICOM RAW", "DUP", f"DUP~{dup_high}", "NIFTI", empty, "STALE"])
         for relative, source in expected.items():
             path = f"{mnt}{SCAN}/{relative}"
             assert os.stat(path).st_size == source.stat().st_size, relative
             assert subprocess.run(["cat", path], capture_output=True, check=True).stdout == source.read_bytes()
     zips = [r for r in deployed.requests() if "format=zip" in r["query"]]
     assert zips and all("compression=0" in r["query"] for r in zips)  # the site deflates; we ask it not to
+    assert zip_downloads(deployed.requests()) == zips  # every file came out of its resource's ZIP
     assert all("/resources/DUP" not in r["path"] and "%20" not in r["path"] for r in deployed.requests())
 
 

@@ -99,6 +99,14 @@ class ServerProcess:
         """Invalidate every JSESSIONID (Basic auth keeps working)."""
         self._hook("POST", "expire-sessions")
 
+    def set_password(self, password: str) -> None:
+        """Change the user's password on the server (the old one stops working)."""
+        self._hook("PUT", "password", data=password.encode())
+
+    def unlock(self) -> None:
+        """Lift a lockout after failed logins."""
+        self._hook("POST", "unlock")
+
     # -- life cycle --------------------------------------------------------------------------------
 
     def stop(self) -> None:

@@ -279,12 +279,12 @@ def test_rejected_password_is_not_retried_in_a_loop(tmp_path, server_factory):
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "admin" in result.stderr and "wrong" not in result.stderr
     assert len([r for r in own.requests() if r["status"] == 401]) <= 2
-    requests.post(own.url + "/_test/unlock", timeout=10)
+    own.unlock()
     own.clear_requests()
     with mounted(own.url, mnt, cache, credentials_env(own, XNATFS_AUTH_RETRY_SECONDS="3"), "--ttl", "0.5"):
         files = f"{mnt}/PRIV/S2/E2/scans/1/resources/DICOM/files"
         names = sorted(os.listdir(files))
-        requests.put(own.url + "/_test/password", data=b"changed", timeout=10)  # the password stops working
+        own.set_password("changed")  # the mount's password stops working
         own.expire_sessions()
         own.clear_requests()
         started = time.monotonic()
@@ -295,7 +295,7 @@ def test_rejected_password_is_not_retried_in_a_loop(tmp_path, server_factory):
         assert time.monotonic() - started < 2.5
         refused = [r for r in own.requests() if r["status"] == 401]
         assert len(refused) == 1, refused
-        requests.put(own.url + "/_test/password", data=own.password.encode(), timeout=10)
+        own.set_password(own.password)
         time.sleep(3.2)  # the wait after the refusal ends: the next read tries again, and works
         assert read(f"{files}/{names[0]}") == b"private data\n"
         assert len([r for r in own.requests() if r["status"] == 401]) == 1

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from loopback import LoopbackServer
 
-E = "/data/experiments/E1"
+E = "/data/experiments/E1"  # resources are addressed by their xnat_abstractresource_id, as xnatfs does
 LISTINGS = {
     "/data/projects": [{"ID": "P"}, {"ID": ".."}, {"ID": "a/b"}],
     "/data/projects/P/subjects": [{"ID": "S1", "label": "../../etc"}, {"ID": "S2", "label": "ok"}],
@@ -24,12 +24,12 @@ LISTINGS = {
     f"{E}/resources": [],
     f"{E}/scans/1/resources": [{"label": "DICOM", "xnat_abstractresource_id": "1"}],
     f"{E}/scans/2/resources": [{"label": "DICOM", "xnat_abstractresource_id": "2"}],
-    f"{E}/scans/1/resources/DICOM/files": [
+    f"{E}/scans/1/resources/1/files": [
         {"Name": "escape.txt", "URI": f"{E}/scans/1/resources/1/files/../../../escape.txt", "Size": "4"},
         {"Name": "ok.dcm", "URI": f"{E}/scans/1/resources/1/files/ok.dcm", "Size": "5"},
         {"Name": "bad\nname", "URI": f"{E}/scans/1/resources/1/files/bad\nname", "Size": "1"},
     ],
-    f"{E}/scans/2/resources/DICOM/files": [
+    f"{E}/scans/2/resources/2/files": [
         {"Name": "good.dcm", "URI": f"{E}/scans/2/resources/2/files/good.dcm", "Size": "5"},
     ],
 }
@@ -44,13 +44,13 @@ def _zip(entries: dict[str, bytes]) -> bytes:
 
 
 ZIPS = {
-    f"{E}/scans/1/resources/DICOM/files": _zip(
+    f"{E}/scans/1/resources/1/files": _zip(
         {
             "E/scans/1-a____b/resources/DICOM/files/../../../../../../../../escape.txt": b"evil",
             "E/scans/1-a____b/resources/DICOM/files/ok.dcm": b"hello",
         }
     ),
-    f"{E}/scans/2/resources/DICOM/files": _zip({"E/scans/2-clean/resources/DICOM/files/good.dcm": b"fine!"}),
+    f"{E}/scans/2/resources/2/files": _zip({"E/scans/2-clean/resources/DICOM/files/good.dcm": b"fine!"}),
 }
 
 

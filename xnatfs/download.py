@@ -104,10 +104,11 @@ async def download_and_unzip_images(
     """Download and unzip one experiment's images; return the folder they are in.
 
     Finds the project whose ``secondary_ID`` is ``central_hub_project_id`` and its experiment
-    labelled ``accession_id``; downloads its scan (or assessor) resources of ``resource_type`` as
-    one ZIP into ``BASE_IMAGES_DOWNLOAD_DIR/{net_id}/``, unzips it into
-    ``BASE_IMAGES_DOWNLOAD_DIR/{net_id}/{accession_id}`` and deletes the ZIP. The network and disk
-    work runs in a thread: the event loop is never blocked.
+    labelled ``accession_id``; downloads its scan (or assessor) resources of ``resource_type``
+    (a label, or ``ALL``) as ZIPs and extracts them while they arrive into
+    ``BASE_IMAGES_DOWNLOAD_DIR/{net_id}/{accession_id}`` (published whole, by rename; no ZIP is
+    left behind). Resources are addressed by their IDs (see :func:`format_download_url` for why).
+    The network and disk work runs in a thread: the event loop is never blocked.
 
     Raises NotFoundError (no such project or experiment, or no data at the URL), ValueError (an
     argument that would escape ``BASE_IMAGES_DOWNLOAD_DIR``, or a bad ``assessor_type``).

@@ -50,7 +50,7 @@ def build_archive(root: Path) -> None:
     write(resources / "NIFTI/1/c.dcm", b"in a folder named like the scan\n")
     write(resources / "dup_a/same.txt", b"content of the first DUP\n")
     write(resources / "dup_a.json", json.dumps({"label": "DUP"}))
-    write(resources / "dup_b/same.txt", b"content of the second DUP, longer\n")
+    write(resources / "dup_b/same.txt", b"content of the 2nd DUP!!\n")  # the same size
     write(resources / "dup_b.json", json.dumps({"label": "DUP"}))
     write(resources / "unlabelled/e.txt", b"a resource without a label\n")
     write(resources / "unlabelled.json", json.dumps({"label": ""}))
@@ -66,10 +66,12 @@ def build_archive(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A public-site server (requireLogin=false, ZIPs deflated by site setting) of the archive above."""
+    """A public-site server of the archive above: requireLogin=false, ZIPs deflated by site setting,
+    checksums off (no digests in listings: two files of one size look alike)."""
     root = tmp_path_factory.mktemp("deployed")
     build_archive(root)
-    with ServerProcess(data=root, extra_args=["--no-require-login", "--zip-compression", "6"]) as server:
+    options = ["--no-require-login", "--zip-compression", "6", "--no-checksums"]
+    with ServerProcess(data=root, extra_args=options) as server:
         yield server
 
 

@@ -63,6 +63,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(with data descriptors); a request's ?compression=N overrides it",
     )
     parser.add_argument(
+        "--checksums",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="XNAT's checksums site setting (default on): file listings carry each file's MD5 digest",
+    )
+    parser.add_argument(
         "--test-hooks",
         action="store_true",
         help="enable the /_test/ endpoints (request log, injected faults); for test suites only",
@@ -101,6 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
             TestHooks() if args.test_hooks else None,
             require_login=args.require_login,
             zip_compression=args.zip_compression,
+            checksums=args.checksums,
         )
     except OSError as error:
         print(f"xnatfs serve: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)

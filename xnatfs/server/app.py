@@ -71,6 +71,7 @@ class XnatHTTPServer(ThreadingHTTPServer):
         hooks: TestHooks | None,
         require_login: bool = True,
         zip_compression: int = 0,
+        checksums: bool = True,
     ) -> None:
         super().__init__(address, RequestHandler)
         self.archive = archive
@@ -80,6 +81,7 @@ class XnatHTTPServer(ThreadingHTTPServer):
         # user (public projects only); zipCompressionMethod picks STORED (0) or DEFLATE for ZIPs.
         self.require_login = require_login
         self.zip_compression = zip_compression
+        self.checksums = checksums  # XNAT's checksums setting: without it, file listings carry no digest
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -491,7 +493,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         """List the files of some resources, or (format=zip) stream them as an XNAT-style zip."""
         checksums = self.server.archive.checksums
         if self._query.get("format") != "zip":
-            rows = [views.file_row(r, entry, checksums) for r in resources for entry in r.files()]
+            digests = checksums if self.server.checksums else None
+            rows = [views.file_row(r, entry, digests) for r in resources for entry in r.files()]
             self._listing(None, rows)
             return
         members = [ZipMember(r.zip_name(entry.path), entry) for r in resources for entry in r.files()]

@@ -131,8 +131,11 @@ def resource_row(resource: Resource) -> dict:
     }
 
 
-def file_row(resource: Resource, entry: FileEntry, checksums: Checksums) -> dict:
-    """A files-listing row; the file's path in the resource is the part of URI after /files/."""
+def file_row(resource: Resource, entry: FileEntry, checksums: Checksums | None) -> dict:
+    """A files-listing row; the file's path in the resource is the part of URI after /files/.
+
+    Without `checksums` (XNAT's checksums site setting off) the digest is empty.
+    """
     return {
         "Name": entry.path.rsplit("/", 1)[-1],
         "Size": str(resource.listed_size(entry)),
@@ -142,7 +145,7 @@ def file_row(resource: Resource, entry: FileEntry, checksums: Checksums) -> dict
         "file_format": "",
         "file_content": "",
         "cat_ID": resource.xnat_id,
-        "digest": checksums.md5(entry),
+        "digest": checksums.md5(entry) if checksums else "",
     }
 
 

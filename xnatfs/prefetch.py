@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
+import shutil
 import sys
 import threading
 import time
@@ -229,7 +230,9 @@ def _bar(total: int | None, count: int, err: TextIO) -> Any:
         unit_divisor=1000,
         file=err,
         disable=not err.isatty(),
-        dynamic_ncols=True,
+        # A terminal that reports size 0 (e.g. under script(1)) would hide the bar: assume 100x24.
+        ncols=min(shutil.get_terminal_size((100, 24)).columns, 120),
+        nrows=max(shutil.get_terminal_size((100, 24)).lines, 2),
         miniters=1,
         mininterval=0.2,
     )

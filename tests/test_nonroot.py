@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -42,7 +43,10 @@ def made_user() -> Iterator[pwd.struct_passwd]:
         os.chmod(home, 0o700)
         yield user
     finally:
-        subprocess.run(["userdel", name], capture_output=True)
+        for _ in range(50):  # a daemon just unmounted may take a moment to be gone
+            if subprocess.run(["userdel", name], capture_output=True).returncode != 8:  # 8: user logged in
+                break
+            time.sleep(0.1)
         shutil.rmtree(home, ignore_errors=True)
 
 

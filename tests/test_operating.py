@@ -233,3 +233,14 @@ def test_cache_and_log_are_private_unless_the_folder_is_group_shared(server, env
             mode = stat.S_IMODE(os.stat(name).st_mode)
             assert mode & 0o007 == 0 and (mode & 0o040 == 0o040 if shared else mode & 0o070 == 0), (name, oct(mode))
         assert os.stat(cache / "xnatfs.log").st_size > 0
+
+
+def test_a_mount_without_xattrs_still_answers_status_and_prefetch(server, env, mnt, cache_dir):
+    with mounted(server.url, mnt, cache_dir, env, "--no-xattrs"):
+        experiment = experiment_dir(mnt)
+        with pytest.raises(OSError) as info:
+            os.getxattr(experiment, "user.xnat.uri")
+        assert info.value.errno == errno.EOPNOTSUPP
+        assert status_json(mnt)["source"] == server.url  # the socket is found from the daemon's arguments
+        result = xnatfs("prefetch", experiment, env=env)
+        assert result.returncode == 0, result.stderr

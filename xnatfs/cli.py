@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ttl", type=float, default=60.0, help="seconds listings and attributes are trusted (default 60)"
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument(
+        "--no-xattrs",
+        action="store_true",
+        help="no extended attributes (saves one round trip per file in ls -l)",
+    )
     mount.set_defaults(run=cmd_mount)
 
     unmount = commands.add_parser("umount", help="unmount (also a dead mount left by a killed daemon)")
@@ -163,6 +168,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     ]
     if args.cache_size is not None:
         argv += ["--cache-size", str(args.cache_size)]
+    if args.no_xattrs:
+        argv.append("--no-xattrs")
     for option in args.fuse_options:
         argv += ["-o", option]
     if args.verbose:
@@ -194,6 +201,7 @@ def _mount_foreground(args: argparse.Namespace, cache_dir: str) -> int:
         if args.ready_fd is not None:
             os.write(args.ready_fd, (_one_line(error) + "\n").encode())
         raise
+    transport.opts["xattrs"] = not args.no_xattrs
     control = _start_control(transport, mountpoint, cache_dir, args.timeout)
     try:
         fuse_options = parse_fuse_options(args.fuse_options)

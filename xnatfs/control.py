@@ -233,11 +233,34 @@ def find_mount(path: str) -> tuple[str, str]:
 
 
 def control_socket(mountpoint: str) -> str:
-    """Return the control socket of the xnatfs mount at ``mountpoint``. Raises ControlError."""
+    """Return the control socket of the xnatfs mount at ``mountpoint``: named by its root's
+    attribute, else (a mount without xattrs) found from its daemon's arguments. Raises ControlError."""
     try:
         return os.getxattr(mountpoint, CONTROL_XATTR).decode()
     except OSError as error:
-        raise ControlError(f"{mountpoint}: no control channel ({error.strerror or error})") from None
+        found = _socket_from_daemon(mountpoint)
+        if found is None:
+            raise ControlError(f"{mountpoint}: no control channel ({error.strerror or error})") from None
+        return found
+
+
+def _socket_from_daemon(mountpoint: str) -> str | None:
+    """Return the socket of this user's daemon serving ``mountpoint`` (from its command line), or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if "--ready-fd" in argv and "--cache-dir" in argv and mountpoint in argv and "mount" in argv:
+            index = argv.index("--cache-dir") + 1
+            if index < len(argv):
+                path = socket_path(argv[index], mountpoint)
+                if os.path.exists(path):
+                    return path
+    return None
 
 
 def connect(mountpoint: str, timeout: float = 10.0) -> Connection:

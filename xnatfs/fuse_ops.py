@@ -197,10 +197,14 @@ class Operations(mfusepy.Operations):
 
     @_errors
     def listxattr(self, path: str) -> list[str]:
+        if not self.transport.opts.get("xattrs", True):
+            raise mfusepy.FuseOSError(errno.ENOSYS)  # the kernel then stops asking
         return list(xattrs.attributes(self.transport, path))
 
     @_errors
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if not self.transport.opts.get("xattrs", True):
+            raise mfusepy.FuseOSError(errno.ENOSYS)
         found = xattrs.value(self.transport, path, name)
         if found is None:
             raise mfusepy.FuseOSError(errno.ENODATA)

@@ -4,7 +4,7 @@
 
 Options of xnatfs: ``cache_dir``, ``cache_size``, ``timeout``, ``ttl``, ``user``, ``credentials``
 (a file with the password, see :func:`read_credentials_file`), ``calling_aet``, ``log_file``,
-``verbose``. Options that only mean something to mount(8) or systemd (``noauto``, ``nofail``,
+``verbose``, ``noxattrs``. Options that only mean something to mount(8) or systemd (``noauto``, ``nofail``,
 ``_netdev``, ``defaults``, ``x-*``, ...) are dropped; every other option goes to FUSE. Returns once
 the mount is live (``xnatfs mount`` in the background), or exits non-zero with one line.
 """
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from xnatfs.exceptions import XnatfsError
 
 VALUED = {"cache_dir", "cache_size", "timeout", "ttl", "user", "credentials", "calling_aet", "log_file"}
-FLAGS = {"verbose"}
+FLAGS = {"verbose", "noxattrs"}
 # Meaningful to mount(8), systemd or the kernel's generic layer, not to xnatfs or FUSE.
 DROPPED = {"defaults", "noauto", "auto", "nofail", "_netdev", "users", "owner", "group", "nouser", "rw", "ro"}
 DROPPED_PREFIXES = ("x-", "comment=", "helper=")
@@ -103,6 +103,8 @@ def xnatfs_argv(source: str, mountpoint: str, options: dict[str, str], fuse: lis
             argv += [flag, options[key]]
     if "verbose" in options:
         argv.append("-v")
+    if "noxattrs" in options:
+        argv.append("--no-xattrs")
     if fuse:
         argv += ["-o", ",".join(fuse)]
     return argv

@@ -262,6 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         url = _server_url(server)
         cache_dir = os.path.join(default_cache_dir(), "demo")
         log_file = os.path.join(cache_dir, "xnatfs.log")
+        _private_cache_and_log(cache_dir, log_file)
         start_daemon(
             ["mount", url, mountpoint, "--cache-dir", cache_dir, "--log-file", log_file], env, log_file, timeout=60
         )

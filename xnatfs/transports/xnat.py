@@ -369,7 +369,8 @@ class XnatTransport(AbstractTransport):
         # The same key and version as _fetch uses, so this is the entry a read fills.
         scan = resource.scan_id or ""
         key = ("xnat", self.server_url, resource.project, resource.experiment_id, scan, resource.label)
-        label = path[: path.index("/files/")] if "/files/" in path else posixpath.dirname(path)
+        parts = path.strip("/").split("/")
+        label = _join(parts[: 7 if parts[3] == "scans" else 5])  # the resource's folder
         size = sum(f.size for f in listing.files.values())
         return ContentUnit(resource.api_path, label, self.cache.entry(key, listing.version), remote.cache_path, size)
 

@@ -33,6 +33,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from xnatfs import privacy
+from xnatfs.exceptions import XnatfsError
+from xnatfs.stats import CacheStats
+
 log = logging.getLogger(__name__)
 
 LAYOUT = "v1"
@@ -72,6 +76,21 @@ class Filler:
 
 
 FillFunction = Callable[[Filler], None]
+
+
+class IncompleteEntry(XnatfsError):
+    """A cache entry's fill ended without publishing it."""
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A complete cache entry as found on disk: where (``base``), what, how big, last use (epoch)."""
+
+    base: str
+    key: tuple[str, ...]
+    version: str
+    size: int
+    last_used: float
 
 
 @dataclass
@@ -136,8 +155,8 @@ class CacheEntry:
 
     def _start_fill(self, fill: FillFunction) -> bool:
         """Take the entry's lock and start ``fill`` in a thread; False if another process holds it."""
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.makedirs(self.folder, mode=self.cache.dir_mode, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.cache.file_mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,6 +166,7 @@ class CacheEntry:
             os.close(fd)
             return True
         self._fill = _Fill()
+        fill = self.cache.stats.track(self, fill)  # counted, and listed in flight by `xnatfs status`
         thread = threading.Thread(
             target=self._run_fill, args=(fill, fd), name=f"fill-{os.path.basename(self.path)}", daemon=True
         )
@@ -159,7 +179,7 @@ class CacheEntry:
         try:
             # A staging folder left by a failed or killed fill is never trusted.
             shutil.rmtree(self.staging, ignore_errors=True)
-            os.makedirs(self.staging, mode=0o700)
+            os.makedirs(self.staging, mode=self.cache.dir_mode)
             fill(Filler(self, self.staging))
             size = _tree_size(self.staging)
             os.rename(self.staging, self.path)
@@ -238,6 +258,28 @@ class CacheEntry:
                 return candidate
         return None
 
+    def wait_published(self, timeout: float = 30.0) -> None:
+        """Block until the whole entry is published (a reader may have its member long before).
+
+        Raises the fill's exception if the fill running in this process failed, TimeoutError if a
+        fill in another process shows no progress for ``timeout`` seconds, and
+        :class:`IncompleteEntry` if no fill is running and the entry is not published.
+        """
+        while not self.is_complete():
+            with self._cond:
+                state = self._fill
+                while state is not None and not state.done:
+                    self._cond.wait(timeout=1.0)
+            if state is not None:
+                if state.error is not None:
+                    raise state.error
+                continue
+            if _locked_elsewhere(self.lock_path):
+                self._wait_other_process("", timeout)  # "" is never a staged file: waits for the end
+                continue
+            if not self.is_complete():
+                raise IncompleteEntry(f"the download of {'/'.join(self.key[2:])} ended before it was complete")
+
 
 class Cache:
     """A cache directory shared by every mount and process that uses it.
@@ -251,7 +293,13 @@ class Cache:
     def __init__(self, directory: str | None = None, max_size: int | None = None) -> None:
         self.directory = os.path.abspath(directory or default_cache_dir())
         self.max_size = max_size
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        # Private unless the directory is group-shared on purpose (setgid): see xnatfs.privacy.
+        self.shared = privacy.is_group_shared(self.directory)
+        self.dir_mode = privacy.dir_mode(self.shared)
+        self.file_mode = privacy.file_mode(self.shared)
+        privacy.secure_dir(self.directory, self.shared)
+        privacy.secure_dir(os.path.join(self.directory, LAYOUT), self.shared)
+        self.stats = CacheStats()
         self._entries: dict[tuple[tuple[str, ...], str], CacheEntry] = {}
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
@@ -267,6 +315,7 @@ class Cache:
 
     def touch(self, entry: CacheEntry) -> None:
         """Record a use of ``entry`` for LRU eviction (on disk at most once a minute per entry)."""
+        self.stats.hit()
         now = time.monotonic()
         if now - self._touched.get(entry.path, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
             return
@@ -363,6 +412,28 @@ class Cache:
         with open(tmp, "w") as f:
             json.dump(meta, f)
         os.replace(tmp, entry.meta_path)
+
+    def entries(self) -> list[EntryInfo]:
+        """Return the complete entries of the cache (any mount, any process), least recently used first."""
+        found = []
+        for meta in self._metas():
+            try:
+                with open(meta) as f:
+                    data = json.load(f)
+                used = os.stat(meta).st_mtime
+                found.append(
+                    EntryInfo(meta[: -len(".json")], tuple(data["key"]), str(data["version"]), int(data["size"]), used)
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(found, key=lambda e: e.last_used)
+
+    def remove(self, base: str) -> bool:
+        """Remove the complete entry at ``base`` (an :attr:`EntryInfo.base`) unless a fill holds it.
+
+        Files already open stay readable. Returns True if removed.
+        """
+        return self._remove(base)
 
 
 def _locked_elsewhere(lock_path: str) -> bool:

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Any
 
-from xnatfs import __version__
+from xnatfs import __version__, privacy
 from xnatfs.cache import Cache, default_cache_dir
 from xnatfs.credentials import resolve_credentials
 from xnatfs.exceptions import XnatfsError
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ttl", type=float, default=60.0, help="seconds listings and attributes are trusted (default 60)"
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument(
+        "--no-xattrs",
+        action="store_true",
+        help="no extended attributes (saves one round trip per file in ls -l)",
+    )
     mount.set_defaults(run=cmd_mount)
 
     unmount = commands.add_parser("umount", help="unmount (also a dead mount left by a killed daemon)")
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--timeout", type=float, default=30.0, help="bound on every network wait (s)")
     download.add_argument("-v", "--verbose", action="store_true")
     download.set_defaults(run=cmd_download)
+    add_operating_commands(commands)
     return parser
 
 
@@ -137,6 +143,8 @@ def parse_size(text: str) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
+    _warn_allow_other(args)
+    _private_cache_and_log(cache_dir, args.log_file)
     if args.ready_fd is not None or args.foreground:
         return _mount_foreground(args, cache_dir)
     mountpoint = check_mountpoint(args.mountpoint)
@@ -160,6 +168,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     ]
     if args.cache_size is not None:
         argv += ["--cache-size", str(args.cache_size)]
+    if args.no_xattrs:
+        argv.append("--no-xattrs")
     for option in args.fuse_options:
         argv += ["-o", option]
     if args.verbose:
@@ -177,6 +187,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _mount_foreground(args: argparse.Namespace, cache_dir: str) -> int:
+    privacy.process_umask(privacy.is_group_shared(cache_dir))  # all the daemon writes is private
     _setup_logging(args.verbose, args.log_file)
     try:
         mountpoint = check_mountpoint(args.mountpoint)
@@ -190,7 +201,14 @@ def _mount_foreground(args: argparse.Namespace, cache_dir: str) -> int:
         if args.ready_fd is not None:
             os.write(args.ready_fd, (_one_line(error) + "\n").encode())
         raise
-    run(transport, mountpoint, ttl=args.ttl, fuse_options=parse_fuse_options(args.fuse_options), ready_fd=args.ready_fd)
+    transport.opts["xattrs"] = not args.no_xattrs
+    control = _start_control(transport, mountpoint, cache_dir, args.timeout)
+    try:
+        fuse_options = parse_fuse_options(args.fuse_options)
+        run(transport, mountpoint, ttl=args.ttl, fuse_options=fuse_options, ready_fd=args.ready_fd)
+    finally:
+        if control is not None:
+            control.stop()
     return 0
 
 
@@ -244,6 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         url = _server_url(server)
         cache_dir = os.path.join(default_cache_dir(), "demo")
         log_file = os.path.join(cache_dir, "xnatfs.log")
+        _private_cache_and_log(cache_dir, log_file)
         start_daemon(
             ["mount", url, mountpoint, "--cache-dir", cache_dir, "--log-file", log_file], env, log_file, timeout=60
         )
@@ -345,3 +364,101 @@ def _one_line(error: BaseException) -> str:
 
 def _report(args: argparse.Namespace, error: BaseException) -> None:
     print(f"xnatfs: error: {_one_line(error)}", file=sys.stderr)
+
+
+# -- operating a mount: prefetch, status, cache, control channel ------------------------------
+
+
+def add_operating_commands(commands: Any) -> None:
+    """Add ``prefetch``, ``status`` and ``cache`` to the command line."""
+    prefetch = commands.add_parser(
+        "prefetch",
+        help="download everything below paths of a mount into its cache",
+        description="Download everything below each PATH (inside a live xnatfs mount) into the mount's cache, "
+        "done by the mount's daemon. Exit 0 only when all of it is cached.",
+    )
+    prefetch.add_argument("paths", nargs="+", metavar="PATH")
+    prefetch.add_argument("-j", "--jobs", type=int, default=4, metavar="N", help="downloads in parallel (default 4)")
+    prefetch.set_defaults(run=cmd_prefetch)
+
+    status = commands.add_parser("status", help="what a mount is doing (without MOUNTPOINT: the live mounts)")
+    status.add_argument("mountpoint", nargs="?")
+    status.add_argument("--json", action="store_true", help="one JSON object (a list without MOUNTPOINT)")
+    status.set_defaults(run=cmd_status)
+
+    cache = commands.add_parser("cache", help="inspect and clean a cache directory")
+    cache.add_argument("--cache-dir", default=None, help=f"cache folder (default {default_cache_dir()})")
+    actions = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("du", help="size per server and project")
+    clean = actions.add_parser("clean", help="remove cached content (open files stay readable)")
+    clean.add_argument("--older-than", metavar="D", help="only what was not used for D (e.g. 30d, 12h, 90m)")
+    clean.add_argument("--to", type=parse_size, metavar="SIZE", help="remove least recently used until SIZE is left")
+    verify = actions.add_parser("verify", help="re-check cached content against the server's digests")
+    verify.add_argument("--timeout", type=float, default=30.0, help="bound on every network wait (s)")
+    cache.set_defaults(run=cmd_cache)
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from xnatfs.prefetch import run as prefetch
+
+    return prefetch(args.paths, jobs=args.jobs)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from xnatfs.status import list_mounts, print_status, query
+
+    if not args.mountpoint:
+        return list_mounts(args.json, sys.stdout)
+    status = query(args.mountpoint)
+    status.pop("done", None)
+    if args.json:
+        print(json.dumps(status))
+    else:
+        print_status(status, sys.stdout)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from xnatfs import cachetool
+
+    return cachetool.run(args, sys.stdout)
+
+
+def _start_control(transport: Any, mountpoint: str, cache_dir: str, timeout: float) -> Any:
+    """Serve the mount's control socket (status, prefetch); return the server, None if it failed."""
+    import time
+
+    from xnatfs.control import ControlServer, socket_path
+    from xnatfs.prefetch import Prefetcher
+    from xnatfs.status import collect
+
+    started = time.time()
+    handlers = dict(Prefetcher(transport, timeout).handlers())
+    handlers["status"] = lambda request, send: collect(transport, mountpoint, cache_dir, started)
+    server = ControlServer(socket_path(cache_dir, mountpoint), handlers)
+    try:
+        transport.opts["control_socket"] = server.start()
+    except (OSError, XnatfsError) as error:
+        log.warning("no control socket (xnatfs status and prefetch will not reach this mount): %s", error)
+        return None
+    return server
+
+
+def _warn_allow_other(args: argparse.Namespace) -> None:
+    if "allow_other" in parse_fuse_options(args.fuse_options):
+        print(
+            "xnatfs: warning: allow_other: every local user can read this mount, with your XNAT rights "
+            "(needs user_allow_other in /etc/fuse.conf unless you are root)",
+            file=sys.stderr,
+        )
+
+
+def _private_cache_and_log(cache_dir: str, log_file: str | None) -> None:
+    """Create the cache directory and the log before anything else does, private (see xnatfs.privacy)."""
+    shared = privacy.is_group_shared(cache_dir)
+    privacy.secure_dir(cache_dir, shared)
+    log_path = os.path.abspath(log_file or os.path.join(cache_dir, "xnatfs.log"))
+    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+    privacy.private_file(log_path, shared)

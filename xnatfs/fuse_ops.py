@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from xnatfs import xattrs
 from xnatfs.exceptions import XnatfsError
 from xnatfs.fuse import mfusepy
 from xnatfs.transports.base import AbstractTransport, Entry
@@ -193,6 +194,21 @@ class Operations(mfusepy.Operations):
         if amode & os.W_OK:
             raise mfusepy.FuseOSError(errno.EROFS)
         return 0
+
+    @_errors
+    def listxattr(self, path: str) -> list[str]:
+        if not self.transport.opts.get("xattrs", True):
+            raise mfusepy.FuseOSError(errno.ENOSYS)  # the kernel then stops asking
+        return list(xattrs.attributes(self.transport, path))
+
+    @_errors
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if not self.transport.opts.get("xattrs", True):
+            raise mfusepy.FuseOSError(errno.ENOSYS)
+        found = xattrs.value(self.transport, path, name)
+        if found is None:
+            raise mfusepy.FuseOSError(errno.ENODATA)
+        return found
 
     # Everything that would change the tree: a read-only file system.
     def _read_only(self, *args: Any) -> int:

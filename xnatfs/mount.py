@@ -6,6 +6,7 @@ process and returns once the child says the mount is live, or prints the child's
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -152,6 +153,10 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
     if text == "ok":
         return
     status = child.poll()
+    if status is None and not text:
+        # The pipe closes as the child exits, a moment before its exit status can be seen.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            status = child.wait(timeout=2)
     if status is not None and not text:
         cause = _daemon_error(log_file, log_start) or f"the mount daemon exited with status {status}"
         raise MountError(f"{cause} (log: {log_file})")

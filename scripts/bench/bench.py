@@ -276,6 +276,25 @@ def run_all(server: ServerProcess, work: str, args) -> None:
     )  # noqa: E501
     row("find -ls again within the TTL: requests", f"{requests_second} ({t_find2:.2f} s)", "0")
     force_unmount(mnt)
+    xattr_cost(server, work, args)
+
+
+def xattr_cost(server: ServerProcess, work: str, args) -> None:
+    """Warm ls -lR over the tree: extended attributes on (the default) vs --no-xattrs. ls -l asks every file
+    for security.selinux, one FUSE round trip each unless the mount says it has no xattrs at all."""
+    env = credentials_env(server)
+    with_x, without_x = os.path.join(work, "mnt-xattrs"), os.path.join(work, "mnt-noxattrs")
+    cache = os.path.join(work, "cache-xattrs")
+    with mounted(server.url, with_x, cache, env, "--ttl", "600", timeout=60):
+        with mounted(server.url, without_x, cache, env, "--ttl", "600", "--no-xattrs", timeout=60):
+
+            def ls(root: str):
+                return lambda: subprocess.run(["ls", "-lR", root], check=True, stdout=subprocess.DEVNULL)
+
+            ls(with_x)()
+            ls(without_x)()  # listings and kernel attributes warm on both sides
+            ratio = interleaved_ratio(ls(without_x), ls(with_x), max(5, 2 * args.repeat))
+    row("warm ls -lR: xattrs on / --no-xattrs (time ratio)", f"{ratio:.2f}", "informative")
 
 
 def huge_rss(work: str, args) -> None:

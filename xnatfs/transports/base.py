@@ -117,6 +117,23 @@ class Entry:
 ROOT = Entry(name="", is_dir=True, key="/")
 
 
+@dataclass(frozen=True)
+class ContentUnit:
+    """The unit of download that holds a file (an XNAT resource, a PACS series): reading any of
+    its files fills all of them into one cache entry.
+
+    ``id`` identifies the unit (e.g. the resource's REST path), ``label`` is shown to users (the
+    unit's folder in the tree), ``entry`` is its cache entry (a :class:`~xnatfs.cache.CacheEntry`)
+    and ``member`` the file's path inside it, ``size`` the bytes of the whole unit when listed.
+    """
+
+    id: str
+    label: str
+    entry: Any
+    member: str
+    size: int | None = None
+
+
 class AbstractTransport:
     """Base class of every transport.
 
@@ -348,6 +365,38 @@ class AbstractTransport:
                 listener(path)
             except Exception as error:  # a listener must not break the read that found the change
                 log.warning("%s: change listener failed: %s", path, error)
+
+    # -- what the source says about a path (xattrs, prefetch, status) ---------------------------
+
+    def metadata(self, path: str) -> dict[str, str]:
+        """Return what the source says about ``path``, as extended attribute names without the
+        ``user.`` prefix (``{"xnat.uri": "/data/experiments/E1", "xnat.id": "E1"}``).
+
+        Comes from listings only, never downloads content. The base transport says nothing.
+        Raises FileNotFoundError.
+        """
+        self.stat(path)
+        return {}
+
+    def content_unit(self, path: str) -> ContentUnit | None:
+        """Return the unit of download that holds file ``path``, or None when reading it never
+        downloads (local content). Never downloads content (may list). Raises FileNotFoundError."""
+        self.stat(path)
+        return None
+
+    def is_cached(self, path: str) -> bool:
+        """Return True if reading file ``path`` now would not download (content local or cached)."""
+        unit = self.content_unit(path)
+        return unit is None or unit.entry is None or unit.entry.staged_path(unit.member) is not None
+
+    def ping(self) -> bool:
+        """Return True if the source answers a listing of its root now (not from the listing cache)."""
+        try:
+            self._list("/")
+        except Exception as error:  # any failure means "not reachable" to a status display
+            log.debug("ping failed: %s", error)
+            return False
+        return True
 
     # -- listing cache ------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import posixpath
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -61,6 +62,7 @@ from xnatfs.transports.base import (
     AbstractTransport,
     AssociationFailed,
     AssociationNotEstablished,
+    ContentUnit,
     Entry,
     normpath,
 )
@@ -465,6 +467,33 @@ class DicomTransport(AbstractTransport):
     def _cache_entry(self, ref: _Instance) -> CacheEntry:
         """Return the cache entry of the series holding ``ref``."""
         return self.cache.entry(("dicom", self.peer, ref.study_uid, ref.series_uid), ref.version)
+
+    def metadata(self, path: str) -> dict[str, str]:
+        """Return the UIDs of ``path`` and of the levels above it (``dicom.PatientID``,
+        ``dicom.StudyInstanceUID``, ``dicom.SeriesInstanceUID``, ``dicom.SOPInstanceUID``), from
+        listings only. Raises FileNotFoundError."""
+        ref = self.stat(path).ref
+        found: dict[str, str] = {}
+        parts = normpath(path).strip("/").split("/")
+        if ref is not None:
+            patient = self.stat("/" + parts[0]).ref
+            if isinstance(patient, _Patient):
+                found["dicom.PatientID"] = patient.patient_id
+        if isinstance(ref, (_Study, _Series, _Instance)):
+            found["dicom.StudyInstanceUID"] = ref.study_uid
+        if isinstance(ref, (_Series, _Instance)):
+            found["dicom.SeriesInstanceUID"] = ref.series_uid
+        if isinstance(ref, _Instance):
+            found["dicom.SOPInstanceUID"] = ref.sop_uid
+        return found
+
+    def content_unit(self, path: str) -> ContentUnit | None:
+        """Return the series holding instance ``path`` as its unit of download (None for a folder)."""
+        entry = self.stat(path)
+        ref = entry.ref
+        if not isinstance(ref, _Instance):
+            return None
+        return ContentUnit(ref.series_uid, posixpath.dirname(normpath(path)), self._cache_entry(ref), ref.member)
 
     def info(self, path: str) -> str:
         """Return a one-line description of ``path``, saying when a size is not known yet."""

@@ -197,6 +197,11 @@ class FileTransport(AbstractTransport):
         """Return a one-line description of ``path`` with its local location."""
         return f"{super().info(path)} ({self.real_path(path)})"
 
+    def metadata(self, path: str) -> dict[str, str]:
+        """Return ``{"file.path": the real local path}`` of ``path``. Raises FileNotFoundError."""
+        self.stat(path)
+        return {"file.path": self.real_path(path)}
+
 
 def _entry(name: str, st: os.stat_result) -> Entry:
     is_dir = stat_module.S_ISDIR(st.st_mode)

@@ -34,7 +34,7 @@ from xnatfs.exceptions import NotFoundError, ServerError, UploadError, XnatfsErr
 from xnatfs.extract import ExtractLimits, StreamingExtractor
 from xnatfs.names import safe_relpath, scan_folder, unique_names
 from xnatfs.session import XnatSession, quote_part
-from xnatfs.transports.base import AbstractTransport, Entry
+from xnatfs.transports.base import AbstractTransport, ContentUnit, Entry
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +439,63 @@ class XnatTransport(AbstractTransport):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
         filler.publish(remote.cache_path)
+
+    # -- metadata and units of download (xattrs, prefetch) -----------------------------------
+
+    def metadata(self, path: str) -> dict[str, str]:
+        """Return what the listings say about ``path``: ``xnat.uri`` (its REST path, as XNAT's
+        listings give URIs), ``xnat.id`` and, by level, ``xnat.label``, ``xnat.xsiType``,
+        ``xnat.date``, ``xnat.type``, ``xnat.series_description``, ``xnat.digest``, ``xnat.format``.
+        Folders that are no server object (``scans``, ``resources``, ``files`` and below) say
+        nothing. Never downloads content. Raises FileNotFoundError."""
+        entry = self.stat(path)
+        parts = [] if path.strip("/") == "" else path.strip("/").split("/")
+        row = entry.ref if isinstance(entry.ref, dict) else {}
+        found: dict[str, str] = {}
+        if not parts:
+            return {"xnatfs.source": self.server_url}
+        if len(parts) == 1:
+            found = {"xnat.uri": f"/data/projects/{quote_part(row.get('ID', parts[0]))}", "xnat.id": row.get("ID")}
+            found.update({"xnat.name": row.get("name"), "xnat.secondary_ID": row.get("secondary_ID")})
+        elif len(parts) == 2:
+            project = quote_part(parts[0])
+            found = {"xnat.uri": f"/data/projects/{project}/subjects/{quote_part(row.get('ID', ''))}"}
+            found.update({"xnat.id": row.get("ID"), "xnat.label": row.get("label")})
+        elif len(parts) == 3:
+            found = {"xnat.uri": f"/data/experiments/{quote_part(row.get('ID', ''))}", "xnat.id": row.get("ID")}
+            found.update({"xnat.label": row.get("label"), "xnat.xsiType": row.get("xsiType")})
+            found["xnat.date"] = row.get("date")
+        elif len(parts) == 5 and parts[3] == "scans":
+            experiment = self.stat(_join(parts[:3])).ref
+            found = {"xnat.uri": f"/data/experiments/{quote_part(experiment['ID'])}/scans/{quote_part(row['ID'])}"}
+            found.update({"xnat.id": row.get("ID"), "xnat.type": row.get("type")})
+            found["xnat.series_description"] = row.get("series_description")
+        elif isinstance(entry.ref, Resource):
+            resource = entry.ref
+            found = {"xnat.uri": resource.api_path, "xnat.id": resource.resource_id, "xnat.label": resource.label}
+        elif isinstance(entry.ref, RemoteFile):
+            remote = entry.ref
+            quoted = "/".join(quote_part(p) for p in remote.server_path.split("/"))
+            found = {"xnat.uri": f"{remote.resource.api_path}/files/{quoted}", "xnat.digest": remote.digest}
+        return {name: str(value) for name, value in found.items() if value not in (None, "")}
+
+    def content_unit(self, path: str) -> ContentUnit | None:
+        """Return the resource holding file ``path`` as its unit of download (None for a folder).
+
+        Lists the resource's files (cached), never downloads content. Raises FileNotFoundError.
+        """
+        remote = self.stat(path).ref
+        if not isinstance(remote, RemoteFile):
+            return None
+        resource = remote.resource
+        listing = self._file_listing(resource)
+        # The same key and version as _fetch uses, so this is the entry a read fills.
+        scan = resource.scan_id or ""
+        key = ("xnat", self.server_url, resource.project, resource.experiment_id, scan, resource.label)
+        parts = path.strip("/").split("/")
+        label = _join(parts[: 7 if parts[3] == "scans" else 5])  # the resource's folder
+        size = sum(f.size for f in listing.files.values())
+        return ContentUnit(resource.api_path, label, self.cache.entry(key, listing.version), remote.cache_path, size)
 
     # -- writing --------------------------------------------------------------------------
 

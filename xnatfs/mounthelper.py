@@ -1,0 +1,148 @@
+"""``mount.xnatfs``: the helper mount(8) runs for ``mount -t xnatfs`` and fstab lines of type xnatfs.
+
+    mount.xnatfs SOURCE MOUNTPOINT [-o k=v,...] [-s] [-f] [-n] [-v] [-t xnatfs]
+
+Options of xnatfs: ``cache_dir``, ``cache_size``, ``timeout``, ``ttl``, ``user``, ``credentials``
+(a file with the password, see :func:`read_credentials_file`), ``calling_aet``, ``log_file``,
+``verbose``, ``noxattrs``. Options that only mean something to mount(8) or systemd (``noauto``, ``nofail``,
+``_netdev``, ``defaults``, ``x-*``, ...) are dropped; every other option goes to FUSE. Returns once
+the mount is live (``xnatfs mount`` in the background), or exits non-zero with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import netrc
+import os
+import stat
+import sys
+from urllib.parse import urlsplit
+
+from xnatfs.exceptions import XnatfsError
+
+VALUED = {"cache_dir", "cache_size", "timeout", "ttl", "user", "credentials", "calling_aet", "log_file"}
+FLAGS = {"verbose", "noxattrs"}
+# Meaningful to mount(8), systemd or the kernel's generic layer, not to xnatfs or FUSE.
+DROPPED = {"defaults", "noauto", "auto", "nofail", "_netdev", "users", "owner", "group", "nouser", "rw", "ro"}
+DROPPED_PREFIXES = ("x-", "comment=", "helper=")
+
+
+class HelperError(XnatfsError):
+    """Bad options or credentials for mount.xnatfs."""
+
+
+def split_options(text: str) -> tuple[dict[str, str], list[str]]:
+    """Return ``(xnatfs options, FUSE options)`` from a mount(8) option string ``a=b,c,...``."""
+    mine: dict[str, str] = {}
+    fuse: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if key in VALUED:
+            if not sep:
+                raise HelperError(f"option {key} needs a value ({key}=...)")
+            mine[key] = value
+        elif key in FLAGS and not sep:
+            mine[key] = "1"
+        elif item in DROPPED or item.startswith(DROPPED_PREFIXES):
+            continue
+        else:
+            fuse.append(item)
+    return mine, fuse
+
+
+def read_credentials_file(path: str, source: str) -> tuple[str, str]:
+    """Return ``(user, password)`` from a credentials file: netrc format (the entry for the
+    source's ``host:port`` or ``host``) or ``username=...`` / ``password=...`` lines.
+
+    The file must not be readable by group or others. Raises HelperError.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as error:
+        raise HelperError(f"credentials file {path}: {error.strerror}") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise HelperError(f"credentials file {path} is readable by others (chmod 600 {path})")
+    with open(path) as f:
+        text = f.read()
+    words = text.split()
+    if words and words[0] in ("machine", "default"):
+        parts = urlsplit(source)
+        host = parts.hostname or ""
+        try:
+            entries = netrc.netrc(path)
+        except netrc.NetrcParseError as error:
+            raise HelperError(f"credentials file {path}: {error.msg}") from None
+        for machine in ([f"{host}:{parts.port}"] if parts.port else []) + [host]:
+            auth = entries.authenticators(machine)
+            if auth is not None:
+                return auth[0], auth[2] or ""
+        raise HelperError(f"credentials file {path} has no entry for {host}")
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep:
+            values[key.strip().lower()] = value.strip()
+    user = values.get("username") or values.get("user")
+    if not user or "password" not in values:
+        raise HelperError(f"credentials file {path}: needs username=... and password=... lines (or netrc format)")
+    return user, values["password"]
+
+
+def xnatfs_argv(source: str, mountpoint: str, options: dict[str, str], fuse: list[str]) -> list[str]:
+    """Return the ``xnatfs mount`` arguments for a helper call (never a password)."""
+    argv = ["mount", source, mountpoint]
+    for key, flag in (
+        ("cache_dir", "--cache-dir"),
+        ("cache_size", "--cache-size"),
+        ("timeout", "--timeout"),
+        ("ttl", "--ttl"),
+        ("calling_aet", "--calling-aet"),
+        ("log_file", "--log-file"),
+    ):
+        if key in options:
+            argv += [flag, options[key]]
+    if "verbose" in options:
+        argv.append("-v")
+    if "noxattrs" in options:
+        argv.append("--no-xattrs")
+    if fuse:
+        argv += ["-o", ",".join(fuse)]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``mount.xnatfs``; return the exit status (0 once the mount is live)."""
+    parser = argparse.ArgumentParser(prog="mount.xnatfs", description="mount(8) helper for xnatfs")
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    for flag in ("-s", "-f", "-n", "-v"):  # sloppy, fake, no mtab, verbose: what mount(8) may pass
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("-t", dest="type", default="xnatfs")
+    args = parser.parse_args(argv)
+    try:
+        options, fuse = split_options(",".join(args.options))
+        if args.f:
+            return 0  # mount -f: pretend
+        if "credentials" in options:
+            user, password = read_credentials_file(options["credentials"], args.source)
+            os.environ["XNAT_USER"], os.environ["XNAT_PASS"] = user, password
+        elif "user" in options:
+            os.environ["XNAT_USER"] = options["user"]
+            if "XNAT_PASS" not in os.environ:
+                from xnatfs.credentials import netrc_credentials
+
+                found = netrc_credentials(args.source)
+                if found is None or found[0] != options["user"]:
+                    raise HelperError(f"no password for {options['user']!r}: use credentials=FILE or a netrc entry")
+                os.environ["XNAT_PASS"] = found[1]
+    except (HelperError, OSError) as error:
+        print(f"mount.xnatfs: error: {error}", file=sys.stderr)
+        return 1
+    from xnatfs.cli import main as xnatfs_main
+
+    return xnatfs_main(xnatfs_argv(args.source, args.mountpoint, options, fuse))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

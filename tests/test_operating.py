@@ -67,7 +67,13 @@ def test_prefetch_reports_failures_and_outside_paths(server, env, mnt, cache_dir
     with mounted(server.url, mnt, cache_dir, env, "--timeout", "3"):
         experiment = experiment_dir(mnt)
         files_below(experiment)  # listings cached while the server is well
-        server.set_faults(error={"status": 403, "path": r"/scans/1/resources/DICOM/files$"})
+        (dicom,) = [
+            os.path.join(experiment, "scans", d, "resources", "DICOM")
+            for d in os.listdir(experiment + "/scans")
+            if d.startswith("1-")
+        ]
+        resource_id = os.getxattr(dicom, "user.xnat.id").decode()  # XNAT's URLs name resources by ID
+        server.set_faults(error={"status": 403, "path": rf"/scans/1/resources/{resource_id}/files$"})
         result = xnatfs("prefetch", experiment, str(tmp_path), env=env)
         assert result.returncode == 1
         errors = result.stderr.strip().splitlines()

@@ -29,7 +29,7 @@ from typing import IO, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from xnatfs import __version__
-from xnatfs.cache import Cache, Filler
+from xnatfs.cache import Cache, CacheEntry, Filler
 from xnatfs.exceptions import NotFoundError, ServerError, UploadError, XnatfsError
 from xnatfs.extract import ExtractLimits, StreamingExtractor
 from xnatfs.names import safe_relpath, scan_folder, unique_names
@@ -345,21 +345,26 @@ class XnatTransport(AbstractTransport):
             raise IsADirectoryError(path)
         resource = remote.resource
         listing = self._file_listing(resource)
+
+        def fill(filler: Filler) -> None:
+            self._download_resource(resource, listing, filler)
+
+        local = self._cache_entry(resource, listing).get(remote.cache_path, fill, timeout=self.timeout)
+        self._check_size(path, entry, local)
+        return local
+
+    def _cache_entry(self, resource: Resource, listing: FileListing) -> CacheEntry:
+        """Return the cache entry holding ``resource`` as ``listing`` describes it."""
+        scan = resource.scan_id or ""
         key = (
             "xnat",
             self.server_url,
             resource.project,
             resource.experiment_id,
-            resource.scan_id or "",
+            scan,
             resource.resource_id or resource.label,
         )
-
-        def fill(filler: Filler) -> None:
-            self._download_resource(resource, listing, filler)
-
-        local = self.cache.entry(key, listing.version).get(remote.cache_path, fill, timeout=self.timeout)
-        self._check_size(path, entry, local)
-        return local
+        return self.cache.entry(key, listing.version)
 
     def _check_size(self, path: str, entry: Entry, local: str) -> None:
         """When the downloaded file's size differs from the listed one, the bytes win: the listing
@@ -489,13 +494,10 @@ class XnatTransport(AbstractTransport):
             return None
         resource = remote.resource
         listing = self._file_listing(resource)
-        # The same key and version as _fetch uses, so this is the entry a read fills.
-        scan = resource.scan_id or ""
-        key = ("xnat", self.server_url, resource.project, resource.experiment_id, scan, resource.label)
         parts = path.strip("/").split("/")
         label = _join(parts[: 7 if parts[3] == "scans" else 5])  # the resource's folder
         size = sum(f.size for f in listing.files.values())
-        return ContentUnit(resource.api_path, label, self.cache.entry(key, listing.version), remote.cache_path, size)
+        return ContentUnit(resource.api_path, label, self._cache_entry(resource, listing), remote.cache_path, size)
 
     # -- writing --------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -47,14 +48,24 @@ class MountError(XnatfsError):
     """A mount could not be made, or unmade."""
 
 
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def unescape_mountinfo(field: bytes) -> str:
+    """Return a path field of /proc/self/mountinfo as a path.
+
+    The kernel escapes space, tab, newline and backslash as ``\\ooo`` and leaves every other byte
+    as it is (UTF-8 names stay UTF-8): only those escapes are decoded, then the bytes as a file name.
+    """
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda match: bytes([int(match.group(1), 8)]), field))
+
+
 def mounted_paths() -> set[str]:
     """Return the mount points of this machine, dead FUSE mounts included."""
     points = set()
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            fields = line.split()
-            # Field 5 is the mount point, with spaces and the like escaped as octal.
-            points.add(fields[4].encode().decode("unicode_escape"))
+            points.add(unescape_mountinfo(line.split()[4]))  # field 5 is the mount point
     return points
 
 

@@ -144,6 +144,7 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
         )
     os.close(write_fd)
     message = b""
+    closed = False  # the child closed its end of the pipe: it is exiting
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -151,6 +152,7 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
             if ready:
                 chunk = os.read(read_fd, 4096)
                 if not chunk:
+                    closed = True
                     break
                 message += chunk
                 if message.endswith(b"\n"):
@@ -162,7 +164,11 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
     text = message.decode(errors="replace").strip()
     if text == "ok":
         return
-    status = child.poll()
+    try:
+        # The pipe closes as the child exits, a moment before its exit status can be collected.
+        status = child.wait(timeout=5) if closed and not text else child.poll()
+    except subprocess.TimeoutExpired:
+        status = None
     if status is not None and not text:
         cause = _daemon_error(log_file, log_start) or f"the mount daemon exited with status {status}"
         raise MountError(f"{cause} (log: {log_file})")

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # How long the kernel may take to drop the attributes once the worker has entered the call (it is
 # the first thing it does, before waiting for any page lock).
-ATTRIBUTES_GRACE = 0.02
+ATTRIBUTES_GRACE = 0.05
 # Bound on the wait for the worker to enter the call (it is idle unless many changes queue up).
 ENTER_TIMEOUT = 2.0
 STOP_TIMEOUT = 2.0

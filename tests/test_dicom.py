@@ -351,6 +351,11 @@ def test_failure_statuses_raise(failing_scp: tuple[int, dict[str, int]], tmp_pat
     settings["get"] = 0xA702
     with pytest.raises(AssociationFailed, match="0xA702"):
         transport.open(f"{series}/1.2.3.4.5.dcm")
+    # Every instance of that series now fails at once (listing a series looks up each of them).
+    start = time.monotonic()
+    with pytest.raises(AssociationFailed, match="0xA702.*not retried"):
+        transport.open(f"{series}/1.2.3.4.5.dcm")
+    assert transport.retrieve_count == 1 and time.monotonic() - start < 1
     settings["find"] = 0xC123
     with pytest.raises(AssociationFailed, match="0xC123"):
         DicomTransport(netloc=f"FAKE@127.0.0.1:{port}", opts={"cache_dir": str(tmp_path)}).listdir(series)

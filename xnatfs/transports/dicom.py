@@ -13,7 +13,8 @@ date is named ``undated-...``; a series without a description ``{SeriesNumber}``
 
 Listings only ever use C-FIND (patient level with Patient Root, study, series and instance levels
 with Study Root): they never move pixel data. File sizes are therefore unknown (``Entry.size`` is
-None) until the series has been retrieved once; after that they come from the cached files.
+None) until the series has been retrieved once; after that they come from the cached files. (The
+mount never tells the kernel an unknown size: looking an instance up there retrieves its series.)
 
 Reading any instance retrieves its whole series with one C-GET into one cache entry, keyed by
 (``dicom``, ``AET@host:port``, StudyInstanceUID, SeriesInstanceUID) with the series' sorted

@@ -148,9 +148,10 @@ class ChangingTransport(AbstractTransport):
         with open(os.path.join(DATA, name), "rb") as f:
             data = f.read()
 
-        def fill(filler):
-            with open(os.path.join(filler.staging, name), "wb") as out:
+        def fill(filler):  # a file in staging must be complete: write, then rename
+            with open(os.path.join(filler.staging, "." + name), "wb") as out:
                 out.write(data)
+            os.rename(os.path.join(filler.staging, "." + name), os.path.join(filler.staging, name))
             filler.publish(name)
 
         local = self.cache.entry(("changing", name), str(len(data))).get(name, fill)
@@ -194,9 +195,11 @@ def test_changed_sizes_reach_the_kernel_at_once(tmp_path):
         assert os.stat(f"{mnt}/grow.txt").st_size == 5  # the listing's (stale) size
         assert os.stat(f"{mnt}/shrink.txt").st_size == 50
         # The first read finds the true size while the kernel believes the listed one.
-        assert subprocess.run(["cat", f"{mnt}/grow.txt"], capture_output=True, timeout=30).stdout == grown
+        cat = subprocess.run(["cat", f"{mnt}/grow.txt"], capture_output=True, timeout=30)
+        assert (cat.stdout, cat.stderr) == (grown, b"")
         assert os.stat(f"{mnt}/grow.txt").st_size == len(grown)
-        assert subprocess.run(["cat", f"{mnt}/shrink.txt"], capture_output=True, timeout=30).stdout == shrunk
+        cat = subprocess.run(["cat", f"{mnt}/shrink.txt"], capture_output=True, timeout=30)
+        assert (cat.stdout, cat.stderr) == (shrunk, b"")
         assert os.stat(f"{mnt}/shrink.txt").st_size == len(shrunk)
         for name, content in (("grow.txt", grown), ("shrink.txt", shrunk)):
             with open(f"{mnt}/{name}", "rb") as f:

@@ -9,8 +9,8 @@ the size it knew.
 The call runs in a worker thread of its own. From inside a FUSE callback it could deadlock: while a
 read of a file waits for its answer, the kernel holds the page being read locked, and dropping the
 pages of that file waits for that lock. The kernel drops the attributes first, before it waits for
-pages, so :meth:`invalidate` returns as soon as the worker is inside the call (plus a short grace),
-not when the call has finished.
+pages, so :meth:`invalidate` returns when the call has finished or the worker waits in the kernel
+for a page lock (uninterruptible sleep: the attributes are dropped by then), whichever comes first.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import logging
 import os
 import queue
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
-# How long the kernel may take to drop the attributes once the worker has entered the call (it is
-# the first thing it does, before waiting for any page lock).
-ATTRIBUTES_GRACE = 0.05
+# Bound on the wait for the kernel to drop the attributes once the worker has entered the call (it
+# is the first thing it does, before waiting for any page lock).
+ATTRIBUTES_TIMEOUT = 1.0
 # Bound on the wait for the worker to enter the call (it is idle unless many changes queue up).
 ENTER_TIMEOUT = 2.0
 STOP_TIMEOUT = 2.0
@@ -44,6 +45,7 @@ class KernelInvalidator:
         self._queue: queue.SimpleQueue[tuple[bytes, threading.Event, threading.Event] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # held while the worker is inside libfuse; stop() waits for it
         self._thread: threading.Thread | None = None
+        self._worker_tid = 0  # the worker's kernel thread id, to see when it waits in the kernel
         self.count = 0  # invalidations handed to the kernel (for tests and logs)
 
     def start(self) -> bool:
@@ -69,8 +71,9 @@ class KernelInvalidator:
         """Make the kernel drop what it keeps about ``path``; return True once it has been told.
 
         Returns once the kernel has dropped the attributes (the pages may follow later, when a
-        read in progress on that file has been answered). Returns False when invalidation is not
-        available, or the worker did not get to it within ``ENTER_TIMEOUT``.
+        read in progress on that file has been answered), at most ``ATTRIBUTES_TIMEOUT`` after the
+        worker took the request. Returns False when invalidation is not available, or the worker
+        did not get to it within ``ENTER_TIMEOUT``.
         """
         if self._fuse is None:
             return False
@@ -79,8 +82,19 @@ class KernelInvalidator:
         if not entered.wait(ENTER_TIMEOUT):
             log.warning("%s: kernel invalidation is late; the change may show only after --ttl", path)
             return False
-        done.wait(ATTRIBUTES_GRACE)
+        deadline = time.monotonic() + ATTRIBUTES_TIMEOUT
+        while not done.wait(0.001) and time.monotonic() < deadline:
+            if self._worker_state() == "D":  # waiting in the kernel for a page lock: past the attributes
+                break
         return True
+
+    def _worker_state(self) -> str:
+        """Return the scheduler state of the worker thread (``R``, ``S``, ``D``, ...), "" if unknown."""
+        try:
+            with open(f"/proc/self/task/{self._worker_tid}/stat", "rb") as f:
+                return f.read().rpartition(b")")[2].split()[0].decode()
+        except (OSError, IndexError):
+            return ""
 
     def stop(self) -> None:
         """Stop the worker; after this, :meth:`invalidate` does nothing (the ``struct fuse`` goes away)."""
@@ -94,6 +108,7 @@ class KernelInvalidator:
             self._fuse = None
 
     def _work(self) -> None:
+        self._worker_tid = threading.get_native_id()
         while True:
             item = self._queue.get()
             if item is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,9 +29,13 @@ def credentials_env(server, **extra: str) -> dict[str, str]:
 
 
 def is_mounted(path: str) -> bool:
+    """Return True if ``path`` is a mount point (octal escapes of /proc/self/mountinfo decoded)."""
     path = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    with open("/proc/self/mountinfo", "rb") as f:
+        fields = [line.split()[4] for line in f]
+    return any(
+        re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field) == os.fsencode(path) for field in fields
+    )
 
 
 def daemon_pids(mountpoint: str) -> list[int]:

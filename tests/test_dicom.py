@@ -351,6 +351,11 @@ def test_failure_statuses_raise(failing_scp: tuple[int, dict[str, int]], tmp_pat
     settings["get"] = 0xA702
     with pytest.raises(AssociationFailed, match="0xA702"):
         transport.open(f"{series}/1.2.3.4.5.dcm")
+    # Every instance of that series now fails at once (listing a series looks up each of them).
+    start = time.monotonic()
+    with pytest.raises(AssociationFailed, match="0xA702.*not retried"):
+        transport.open(f"{series}/1.2.3.4.5.dcm")
+    assert transport.retrieve_count == 1 and time.monotonic() - start < 1
     settings["find"] = 0xC123
     with pytest.raises(AssociationFailed, match="0xC123"):
         DicomTransport(netloc=f"FAKE@127.0.0.1:{port}", opts={"cache_dir": str(tmp_path)}).listdir(series)
@@ -378,3 +383,48 @@ def test_mounted_pacs_serves_every_instance(stored: tuple[Pacs, list[Dataset]], 
     assert sorted(found) == sorted(ds.SOPInstanceUID for ds in datasets)
     for original in datasets:
         assert np.array_equal(found[original.SOPInstanceUID].pixel_array, original.pixel_array)
+
+
+def test_mounted_instances_read_whole_by_every_tool(stored: tuple[Pacs, list[Dataset]], tmp_path: Path) -> None:
+    """Through the mount, every instance is the complete Part-10 file for cat, head, cp, pydicom, mmap and
+    dcm2niix, on the first and every later open, and ``ls -l`` shows the size a read returns."""
+    import mmap
+
+    from mounting import mounted
+
+    pacs, datasets = stored
+    expected = {f"{ds.SOPInstanceUID}.dcm": ds for ds in datasets}
+    mnt = str(tmp_path / "mnt")
+    with mounted(pacs.url, mnt, str(tmp_path / "cache"), dict(os.environ), timeout=10):
+        series = os.path.join(mnt, "PAT-001", "20240131-ACC123", SERIES_FOLDER[pacs.kind])
+        names = sorted(os.listdir(series))
+        first, second = (os.path.join(series, name) for name in names[:2])
+        # What broke: cat of one instance, then pydicom and head -c of the same and of another one.
+        whole = subprocess.run(["cat", first], capture_output=True, check=True, timeout=30).stdout
+        assert whole[128:132] == b"DICM" and len(whole) > 32 * 32 * 2
+        assert pydicom.dcmread(first).SOPInstanceUID == names[0].removesuffix(".dcm")
+        head = subprocess.run(["head", "-c", "200", second], capture_output=True, check=True, timeout=30).stdout
+        assert len(head) == 200 and head[128:132] == b"DICM"
+        # ls -l shows, for every instance, the size of the bytes a read returns.
+        listed = subprocess.run(["ls", "-l", series], capture_output=True, text=True, check=True, timeout=30).stdout
+        sizes = {line.split()[-1]: int(line.split()[4]) for line in listed.splitlines()[1:]}
+        assert sorted(sizes) == names
+        for name in names:
+            path = os.path.join(series, name)
+            for _ in range(2):  # first and later opens
+                with open(path, "rb") as f:
+                    content = f.read()
+                assert len(content) == sizes[name] == os.stat(path).st_size
+            ds = pydicom.dcmread(path)
+            np.testing.assert_array_equal(ds.pixel_array, expected[name].pixel_array)
+            assert np.memmap(path, dtype=np.uint8, mode="r").tobytes() == content
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                assert mapped[:] == content
+        copy = tmp_path / "copy.dcm"
+        subprocess.run(["cp", first, str(copy)], check=True, timeout=30)
+        assert copy.read_bytes() == whole
+        out = tmp_path / "nifti"
+        out.mkdir()
+        result = subprocess.run(["dcm2niix", "-o", str(out), series], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert [p.suffix for p in out.iterdir()].count(".nii") == 1, result.stdout

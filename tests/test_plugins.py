@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from mounting import mounted
@@ -112,3 +113,105 @@ def test_local_folder_mount(tmp_path):
         with pytest.raises(OSError) as info:
             open(f"{mnt}/new.txt", "wb")
         assert info.value.errno == errno.EROFS
+
+
+CHANGING_PLUGIN = '''
+"""A transport whose listings give stale sizes, as a server's listing can: the content it fetches, or
+a file that changes later, has another size. It says so by changed(path), as transports should."""
+import os
+import threading
+import time
+from xnatfs.transports import AbstractTransport, Entry
+from xnatfs.cache import Cache
+
+DATA = os.environ["CHANGING_PLUGIN_DATA"]  # grow.txt, shrink.txt and later.txt live here
+LISTED = {"grow.txt": 5, "shrink.txt": 50}  # what the listing says before a fetch
+
+
+class ChangingTransport(AbstractTransport):
+    name = "changing"
+    schemes = ["changing"]
+
+    def __init__(self, netloc=None, root=None, mode="r", read_directory_only=False, opts=None):
+        super().__init__(netloc, root, mode, read_directory_only, opts)
+        self.cache = self.opts.get("cache") or Cache()
+        self.sizes = dict(LISTED, **{"later.txt": os.path.getsize(os.path.join(DATA, "later.txt"))})
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _list(self, path):
+        if path != "/":
+            raise FileNotFoundError(path)
+        return [Entry(name, False, size=size, mtime=1e9, key=name) for name, size in self.sizes.items()]
+
+    def _fetch(self, path, entry):
+        name = path.strip("/")
+        with open(os.path.join(DATA, name), "rb") as f:
+            data = f.read()
+
+        def fill(filler):  # a file in staging must be complete: write, then rename
+            with open(os.path.join(filler.staging, "." + name), "wb") as out:
+                out.write(data)
+            os.rename(os.path.join(filler.staging, "." + name), os.path.join(filler.staging, name))
+            filler.publish(name)
+
+        local = self.cache.entry(("changing", name), str(len(data))).get(name, fill)
+        if self.sizes[name] != len(data):  # the listing was wrong: correct it, then say so
+            self.sizes[name] = len(data)
+            self.invalidate("/")
+            self.changed(path)
+        return local
+
+    def _watch(self):
+        """later.txt changes outside any read: tell the mount, then leave an acknowledgement."""
+        later = os.path.join(DATA, "later.txt")
+        while True:
+            time.sleep(0.02)
+            size = os.path.getsize(later)
+            if size != self.sizes["later.txt"]:
+                self.sizes["later.txt"] = size
+                self.invalidate("/")
+                self.changed("/later.txt")
+                open(os.path.join(DATA, "ack"), "w").close()
+'''
+
+
+def test_changed_sizes_reach_the_kernel_at_once(tmp_path):
+    """A transport that finds a listed size wrong calls changed(path): reads are neither truncated nor padded,
+    and stat shows the new size at once (the kernel would otherwise keep the old one for --ttl seconds)."""
+    site, data = tmp_path / "site", tmp_path / "data"
+    info = site / "xnatfs_changing_plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    data.mkdir()
+    (site / "xnatfs_changing_plugin.py").write_text(textwrap.dedent(CHANGING_PLUGIN))
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xnatfs-changing-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[xnatfs.transports]\nchanging = xnatfs_changing_plugin:ChangingTransport\n")
+    grown, shrunk = b"0123456789" * 2, b"abcdefghij" * 2
+    (data / "grow.txt").write_bytes(grown)
+    (data / "shrink.txt").write_bytes(shrunk)
+    (data / "later.txt").write_bytes(b"old\n")
+    env = dict(os.environ, PYTHONPATH=str(site), CHANGING_PLUGIN_DATA=str(data))
+    mnt = str(tmp_path / "mnt")
+    with mounted("changing://", mnt, str(tmp_path / "cache"), env, "--ttl", "60"):
+        assert os.stat(f"{mnt}/grow.txt").st_size == 5  # the listing's (stale) size
+        assert os.stat(f"{mnt}/shrink.txt").st_size == 50
+        # The first read finds the true size while the kernel believes the listed one.
+        cat = subprocess.run(["cat", f"{mnt}/grow.txt"], capture_output=True, timeout=30)
+        assert (cat.stdout, cat.stderr) == (grown, b"")
+        assert os.stat(f"{mnt}/grow.txt").st_size == len(grown)
+        cat = subprocess.run(["cat", f"{mnt}/shrink.txt"], capture_output=True, timeout=30)
+        assert (cat.stdout, cat.stderr) == (shrunk, b"")
+        assert os.stat(f"{mnt}/shrink.txt").st_size == len(shrunk)
+        for name, content in (("grow.txt", grown), ("shrink.txt", shrunk)):
+            with open(f"{mnt}/{name}", "rb") as f:
+                assert f.read() == content
+        # A change found outside any read: visible as soon as the transport has said so.
+        with open(f"{mnt}/later.txt", "rb") as f:
+            assert f.read() == b"old\n"
+        (data / "later.txt").write_bytes(b"new and longer\n")
+        deadline = time.monotonic() + 10
+        while not (data / "ack").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (data / "ack").exists()
+        assert os.stat(f"{mnt}/later.txt").st_size == len(b"new and longer\n")
+        with open(f"{mnt}/later.txt", "rb") as f:
+            assert f.read() == b"new and longer\n"

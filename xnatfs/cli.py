@@ -1,6 +1,8 @@
 """The ``xnatfs`` command: serve, mount, umount, demo, download.
 
 Errors end the command with one line on stderr (``xnatfs: error: ...``) and a non-zero exit.
+The mount (and with it libfuse) is imported only by the commands that mount: ``serve`` and
+``download`` work on a machine without libfuse 3.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from xnatfs import __version__, privacy
 from xnatfs.cache import Cache, default_cache_dir
 from xnatfs.credentials import resolve_credentials
 from xnatfs.exceptions import XnatfsError
-from xnatfs.mount import MountError, check_mountpoint, is_mounted, run, start_daemon, umount
 from xnatfs.transports import UnknownSchemeError, get_transport
 
 log = logging.getLogger("xnatfs")
@@ -142,6 +143,8 @@ def parse_size(text: str) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from xnatfs.mount import check_mountpoint, start_daemon  # loads libfuse 3, or says it is missing
+
     cache_dir = args.cache_dir or default_cache_dir()
     _warn_allow_other(args)
     _private_cache_and_log(cache_dir, args.log_file)
@@ -187,6 +190,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _mount_foreground(args: argparse.Namespace, cache_dir: str) -> int:
+    from xnatfs.mount import check_mountpoint, run
+
     privacy.process_umask(privacy.is_group_shared(cache_dir))  # all the daemon writes is private
     _setup_logging(args.verbose, args.log_file)
     try:
@@ -237,6 +242,8 @@ def parse_fuse_options(values: list[str]) -> dict[str, str | bool]:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from xnatfs.mount import umount
+
     umount(args.mountpoint)
     return 0
 
@@ -245,6 +252,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from xnatfs.mount import MountError, is_mounted, start_daemon, umount
+
     _setup_logging(args.verbose, None)
     mountpoint = os.path.abspath(args.mountpoint)
     os.makedirs(mountpoint, exist_ok=True)

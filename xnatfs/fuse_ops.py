@@ -17,17 +17,20 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from xnatfs import xattrs
 from xnatfs.exceptions import XnatfsError
 from xnatfs.fuse import mfusepy
+from xnatfs.invalidate import KernelInvalidator
 from xnatfs.transports.base import AbstractTransport, Entry
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_OPEN_FILES = 512
+MAX_TOLD_SIZES = 100_000
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -70,6 +73,12 @@ class Operations(mfusepy.Operations):
     """Read-only FUSE operations over a transport.
 
     ``ttl`` is how long the kernel may keep attributes, names and negative lookups (seconds).
+
+    The kernel is never told a file size that is not true: a read returns exactly ``st_size``
+    bytes, and the kernel may keep attributes and pages between opens (no direct_io, so mmap
+    works). A file whose size the transport does not know yet (a PACS series not retrieved) is
+    fetched when it is first looked up. When a transport later learns that an entry changed, it
+    calls ``changed(path)`` and the kernel drops what it keeps about that path.
     """
 
     use_ns = True
@@ -82,11 +91,16 @@ class Operations(mfusepy.Operations):
         self.mounted_at = time.time()
         self.on_ready: Callable[[], None] | None = None
         self.destroyed = False  # set when libfuse tears the file system down (unmount or signal)
-        # When the transport always knows file sizes, the kernel is asked not to send opens at all
-        # (an open costs a round trip through libfuse and Python per file); reads then find their
-        # file here. Otherwise (a PACS series not fetched yet has size 0), each open sets direct_io.
-        self.no_open = transport.sizes_known
-        self._files: OrderedDict[str, tuple[io.FileIO, float]] = OrderedDict()
+        # Sizes told to the kernel are always true (see getattr), so the kernel is asked not to send
+        # opens at all (an open costs a round trip through libfuse and Python per file): it then
+        # keeps page caches between opens, and reads find their file here.
+        self.no_open = True
+        # The size last told to the kernel, per file path: how a change is to be told (see _on_change).
+        self._told: dict[str, int] = {}
+        self._reading = threading.local()  # the path this thread is answering a read for
+        self.invalidator = KernelInvalidator()
+        transport.add_change_listener(self._on_change)
+        self._files: OrderedDict[tuple[str, str], tuple[io.FileIO, float]] = OrderedDict()
         self._files_lock = threading.Lock()
         self._files_ttl = min(ttl, 30.0)
         # Identifies this source in inode numbers, so two sources never share one.
@@ -98,11 +112,13 @@ class Operations(mfusepy.Operations):
             config.entry_timeout = self.ttl
             config.attr_timeout = self.ttl
             config.negative_timeout = self.ttl
+            self.invalidator.start()  # libfuse 3 only: init is where our struct fuse is known
         if self.on_ready is not None:
             self.on_ready()
 
     def destroy(self, path: str) -> None:
         self.destroyed = True
+        self.invalidator.stop()
 
     def _attrs(self, entry: Entry) -> dict[str, Any]:
         mtime_ns = int((entry.mtime or self.mounted_at) * 1e9)
@@ -129,7 +145,43 @@ class Operations(mfusepy.Operations):
 
     @_errors
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        return self._attrs(self.transport.stat(path))
+        entry = self.transport.stat(path)
+        if not entry.is_dir:
+            if entry.size is None:
+                entry = self._sized(path)
+            if len(self._told) >= MAX_TOLD_SIZES:
+                self._told.clear()
+            self._told[path] = entry.size or 0
+        return self._attrs(entry)
+
+    def _sized(self, path: str) -> Entry:
+        """Return the entry of file ``path`` with its true size, fetching its content to learn it.
+
+        The kernel keeps the size it is told for ``ttl`` seconds and never reads past it, so a
+        size it is told must be the size reads will return (a PACS lists instances without sizes).
+        """
+        local = self.transport.fetch(path)
+        entry = self.transport.stat(path)
+        if entry.size is None:
+            entry = replace(entry, size=os.path.getsize(local))
+        return entry
+
+    def _on_change(self, path: str) -> None:
+        """Make the kernel forget the attributes and pages of ``path`` (the transport says it changed)."""
+        with self._files_lock:
+            for key in [key for key in self._files if key[0] == path]:
+                del self._files[key]
+        if getattr(self._reading, "path", None) == path:
+            # Found while answering a read of this very file. If the file shrank, the short answer
+            # makes the kernel shrink it too; invalidating first would make it pad with zeros.
+            told = self._told.get(path)
+            try:
+                size = self.transport.stat(path).size
+            except Exception:
+                size = None
+            if told is not None and size is not None and size < told:
+                return
+        self.invalidator.invalidate(path)
 
     @_errors
     def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
@@ -148,21 +200,19 @@ class Operations(mfusepy.Operations):
             # The kernel then sends no more opens and releases, keeps page caches, and reads
             # come with the path alone (see read). Content is fetched on the first read.
             raise mfusepy.FuseOSError(errno.ENOSYS)
-        # What the kernel was told in getattr counts, so look before the content arrives.
-        size_known = self.transport.stat(path).size is not None
         fi.fh = self.transport.open_fd(path)
-        if size_known:
-            fi.keep_cache = 1  # the content of a path does not change while it is cached
-        else:
-            # The kernel was told size 0 (a PACS series not fetched yet): bypass its idea of the size.
-            fi.direct_io = 1
+        fi.keep_cache = 1  # the size the kernel knows is true, and content does not change while cached
         return 0
 
     @_errors
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         if not self.no_open:
             return os.pread(fi.fh, size, offset)
-        file = self._open_file(path)  # this reference keeps the fd open while we read
+        self._reading.path = path
+        try:
+            file = self._open_file(path)  # this reference keeps the fd open while we read
+        finally:
+            self._reading.path = None
         return os.pread(file.fileno(), size, offset)
 
     def release(self, path: str, fi: Any) -> int:
@@ -173,7 +223,7 @@ class Operations(mfusepy.Operations):
     def _open_file(self, path: str) -> io.FileIO:
         """Return an open file with the content of ``path`` (kept for reads; fetched if needed)."""
         now = time.monotonic()
-        key = self.transport.stat(path).key or path  # a new key when the content changed on the server
+        key = (path, self.transport.stat(path).key or path)  # a new key when the content changed on the server
         with self._files_lock:
             found = self._files.get(key)
             if found is not None and now - found[1] < self._files_ttl:

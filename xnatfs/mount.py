@@ -6,10 +6,10 @@ process and returns once the child says the mount is live, or prints the child's
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -48,14 +48,24 @@ class MountError(XnatfsError):
     """A mount could not be made, or unmade."""
 
 
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def unescape_mountinfo(field: bytes) -> str:
+    """Return a path field of /proc/self/mountinfo as a path.
+
+    The kernel escapes space, tab, newline and backslash as ``\\ooo`` and leaves every other byte
+    as it is (UTF-8 names stay UTF-8): only those escapes are decoded, then the bytes as a file name.
+    """
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda match: bytes([int(match.group(1), 8)]), field))
+
+
 def mounted_paths() -> set[str]:
     """Return the mount points of this machine, dead FUSE mounts included."""
     points = set()
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            fields = line.split()
-            # Field 5 is the mount point, with spaces and the like escaped as octal.
-            points.add(fields[4].encode().decode("unicode_escape"))
+            points.add(unescape_mountinfo(line.split()[4]))  # field 5 is the mount point
     return points
 
 
@@ -134,6 +144,7 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
         )
     os.close(write_fd)
     message = b""
+    closed = False  # the child closed its end of the pipe: it is exiting
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -141,6 +152,7 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
             if ready:
                 chunk = os.read(read_fd, 4096)
                 if not chunk:
+                    closed = True
                     break
                 message += chunk
                 if message.endswith(b"\n"):
@@ -152,11 +164,11 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
     text = message.decode(errors="replace").strip()
     if text == "ok":
         return
-    status = child.poll()
-    if status is None and not text:
-        # The pipe closes as the child exits, a moment before its exit status can be seen.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            status = child.wait(timeout=2)
+    try:
+        # The pipe closes as the child exits, a moment before its exit status can be collected.
+        status = child.wait(timeout=5) if closed and not text else child.poll()
+    except subprocess.TimeoutExpired:
+        status = None
     if status is not None and not text:
         cause = _daemon_error(log_file, log_start) or f"the mount daemon exited with status {status}"
         raise MountError(f"{cause} (log: {log_file})")

@@ -3,6 +3,10 @@
 ``get_transport(url)`` picks a transport by URL scheme. Transports of other packages register
 under the entry-point group ``xnatfs.transports`` (``name = module:Class``); their ``schemes``
 attribute says which URL schemes they serve.
+
+The built-in classes (``FileTransport``, ``XnatTransport``, ``DicomTransport``) are exported here
+but imported on first use, so that importing this package stays cheap: pynetdicom is loaded only
+when DICOM is used.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ __all__ = [
     "AbstractTransport",
     "AssociationFailed",
     "AssociationNotEstablished",
+    "DicomTransport",
     "Entry",
+    "FileTransport",
     "NoOtherInstance",
     "RootIsNotDirectory",
     "UnknownSchemeError",
     "get_transport",
     "transport_classes",
+    "XnatTransport",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,8 +49,32 @@ class UnknownSchemeError(ValueError):
     """No transport serves a URL's scheme."""
 
 
-BUILT_IN = ("xnatfs.transports.file:FileTransport", "xnatfs.transports.xnat:XnatTransport",
-            "xnatfs.transports.dicom:DicomTransport")  # fmt: skip
+# Built-in transports by URL scheme, as "module:Class" (imported only when their scheme is used).
+BUILT_IN_SCHEMES = {
+    "file": "xnatfs.transports.file:FileTransport",
+    "http": "xnatfs.transports.xnat:XnatTransport",
+    "https": "xnatfs.transports.xnat:XnatTransport",
+    "xnat": "xnatfs.transports.xnat:XnatTransport",
+    "dicom": "xnatfs.transports.dicom:DicomTransport",
+}
+BUILT_IN = tuple(dict.fromkeys(BUILT_IN_SCHEMES.values()))
+_LAZY = {target.rpartition(":")[2]: target for target in BUILT_IN}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a built-in transport class on first use (``from xnatfs.transports import FileTransport``)."""
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attribute = target.partition(":")
+    cls = getattr(importlib.import_module(module), attribute)
+    globals()[name] = cls
+    return cls
+
+
+def _load(target: str) -> type[AbstractTransport]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def transport_classes() -> dict[str, type[AbstractTransport]]:
@@ -56,11 +87,7 @@ def transport_classes() -> dict[str, type[AbstractTransport]]:
     targets += [(ep.value, ep) for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.value not in BUILT_IN]
     for target, ep in targets:
         try:
-            if ep is not None:
-                cls = ep.load()
-            else:
-                module, _, name = target.partition(":")
-                cls = getattr(importlib.import_module(module), name)
+            cls = ep.load() if ep is not None else _load(target)
         except Exception as error:
             log.warning("transport %s could not be loaded: %s", target, error)
             continue
@@ -78,10 +105,13 @@ def get_transport(url: str, mode: str = "r", opts: dict[str, Any] | None = None)
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    classes = transport_classes()
-    cls = classes.get(scheme)
+    if scheme in BUILT_IN_SCHEMES:  # only this transport's module is imported
+        cls: type[AbstractTransport] | None = _load(BUILT_IN_SCHEMES[scheme])
+    else:
+        classes = transport_classes()
+        cls = classes.get(scheme)
     if cls is None:
-        known = ", ".join(f"{s}://" for s in sorted(classes))
+        known = ", ".join(f"{s}://" for s in sorted(set(classes) | set(BUILT_IN_SCHEMES)))
         raise UnknownSchemeError(f"no transport for {url!r}: unknown scheme {scheme or '(none)'!r}; known: {known}")
     opts = dict(opts or {})
     opts.setdefault("url", url)

@@ -151,7 +151,8 @@ class AbstractTransport:
     version: ClassVar[str] = ""
     url: ClassVar[str] = ""
     schemes: ClassVar[list[str]] = []
-    # True when every file's size is known from listings (the mount then lets the kernel skip opens).
+    # True when every file's size is known from listings. Where it is not (Entry.size None), the mount
+    # fetches the file when it is looked up, so the kernel is never told a size a read will not return.
     sizes_known: ClassVar[bool] = True
 
     def __init__(

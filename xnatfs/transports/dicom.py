@@ -13,7 +13,8 @@ date is named ``undated-...``; a series without a description ``{SeriesNumber}``
 
 Listings only ever use C-FIND (patient level with Patient Root, study, series and instance levels
 with Study Root): they never move pixel data. File sizes are therefore unknown (``Entry.size`` is
-None) until the series has been retrieved once; after that they come from the cached files.
+None) until the series has been retrieved once; after that they come from the cached files. (The
+mount never tells the kernel an unknown size: looking an instance up there retrieves its series.)
 
 Reading any instance retrieves its whole series with one C-GET into one cache entry, keyed by
 (``dicom``, ``AET@host:port``, StudyInstanceUID, SeriesInstanceUID) with the series' sorted
@@ -36,6 +37,7 @@ import logging
 import os
 import posixpath
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -84,6 +86,9 @@ STATUS_SUCCESS = 0x0000
 STATUS_PENDING = (0xFF00, 0xFF01)
 STORE_WARNINGS = (0xB000, 0xB006, 0xB007)
 STATUS_OUT_OF_RESOURCES = 0xA700
+# How long a failed series retrieve is reported again without asking the PACS (seconds): listing a
+# series looks up every instance, and each must not wait for its own timeout when the PACS is down.
+FAILURE_MEMORY = 10.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class DicomTransport(AbstractTransport):
         self.retrieve_count = 0
         #: Number of associations requested by this transport (established or not).
         self.association_count = 0
+        self._failures: dict[str, tuple[float, Exception]] = {}  # series UID -> (when, why) of a failed retrieve
 
     # -- primitives ---------------------------------------------------------------------------
 
@@ -181,14 +187,24 @@ class DicomTransport(AbstractTransport):
 
         Blocks until that instance has arrived (not the whole series). Raises FileNotFoundError if
         the PACS did not send it, AssociationNotEstablished / AssociationFailed / TimeoutError if
-        the retrieve failed.
+        the retrieve failed; for ``FAILURE_MEMORY`` seconds after a failure, AssociationFailed at
+        once for every instance of that series.
         """
         ref = entry.ref
         if not isinstance(ref, _Instance):
             raise IsADirectoryError(path)
-        return self._cache_entry(ref).get(
-            ref.member, lambda filler: self._retrieve_series(ref, filler), timeout=self.timeout
-        )
+        with self._counter_lock:
+            when, error = self._failures.get(ref.series_uid, (0.0, None))
+        if error is not None and time.monotonic() - when < FAILURE_MEMORY:
+            raise AssociationFailed(f"{error} (not retried for {FAILURE_MEMORY:g} s)")
+        try:
+            return self._cache_entry(ref).get(
+                ref.member, lambda filler: self._retrieve_series(ref, filler), timeout=self.timeout
+            )
+        except (AssociationNotEstablished, AssociationFailed, TimeoutError) as error:
+            with self._counter_lock:
+                self._failures[ref.series_uid] = (time.monotonic(), error)
+            raise
 
     # -- sizes from the cache -----------------------------------------------------------------
 

@@ -19,11 +19,11 @@ import io
 import logging
 import os
 import posixpath
+import queue
 import stat as stat_module
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
@@ -190,7 +190,10 @@ class AbstractTransport:
         self.listing_jobs = max(int(self.opts.get("listing_jobs") or DEFAULT_LISTING_JOBS), 1)
         # Transports hold one of these around each listing request: it bounds the requests in flight.
         self._listing_slots = threading.BoundedSemaphore(self.listing_jobs)
-        self._pool: ThreadPoolExecutor | None = None
+        # Read-ahead and revalidation run on up to listing_jobs daemon threads (never holding up an exit).
+        self._jobs: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
+        self._workers = 0
+        self._closed = False
         self._queued: set[str] = set()  # keys waiting for (or in) read-ahead or revalidation
         self._down_until = 0.0  # monotonic time until which the source is taken as unreachable
         self._catalog: Catalog | None = None
@@ -248,9 +251,11 @@ class AbstractTransport:
 
     def close(self) -> None:
         """Release connections and other resources held by the transport (subclasses call this too)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            workers, self._workers = self._workers, 0
+        for _ in range(workers):
+            self._jobs.put(None)
 
     def _check_source(self) -> None:
         """Check that the source answers (and accepts the credentials); raise the error otherwise."""
@@ -567,17 +572,19 @@ class AbstractTransport:
     def _submit(self, key: str, revalidate: bool = False) -> None:
         """Fetch listing ``key`` in the background (once at a time per key)."""
         with self._lock:
-            if key in self._queued:
+            if key in self._queued or self._closed:
                 return
             self._queued.add(key)
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.listing_jobs, thread_name_prefix="xnatfs-listing")
-            pool = self._pool
-        try:
-            pool.submit(self._background, key, revalidate)
-        except RuntimeError:  # shut down
-            with self._lock:
-                self._queued.discard(key)
+            start = self._workers < self.listing_jobs
+            if start:
+                self._workers += 1
+        self._jobs.put((key, revalidate))
+        if start:
+            threading.Thread(target=self._work, name="xnatfs-listing", daemon=True).start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._background(*job)
 
     def _background(self, key: str, revalidate: bool) -> None:
         try:

@@ -110,7 +110,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- request life cycle ------------------------------------------------------------------------
 
     def _handle(self) -> None:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self._status = 0
         self._sent = 0
         self._user = ""
@@ -164,7 +164,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         if hooks and not self._is_hook and not self._recorded:
             self._recorded = True
             entry = {"method": self.command, "path": self._url.path, "query": self._url.query}
-            hooks.record({**entry, "status": self._status, "bytes": body_bytes, "user": self._user})
+            # Monotonic start and end, so tests can tell how many requests were in flight at once.
+            times = {"started": self._started, "finished": time.monotonic()}
+            hooks.record({**entry, "status": self._status, "bytes": body_bytes, "user": self._user, **times})
 
     def _inject_faults(self, hooks: TestHooks, path: str) -> bool:
         """Apply the active test faults; returns True when the request has been dealt with."""

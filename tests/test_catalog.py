@@ -119,22 +119,35 @@ def test_one_unreadable_catalog_falls_back_to_per_resource_listings(server_facto
     assert set(by_scan) == {"1", "2", "3", "4", "5"} and all(by_scan[s] == 1 for s in "1245"), by_scan
 
 
-def test_read_ahead_keeps_at_most_listing_jobs_requests_in_flight(tree, tmp_path):
-    tree.set_faults(latency=0.1)
-    mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
-    with mounted(tree.url, mnt, cache, credentials_env(tree), "--listing-jobs", "2"):
-        started = time.monotonic()
-        walk(mnt)
-        elapsed = time.monotonic() - started
-    made = listings(tree)
+def peak_in_flight(made: list[dict]) -> int:
+    """Return the most requests of ``made`` the server was handling at one time."""
     events = sorted([(r["started"], 1) for r in made] + [(r["finished"], -1) for r in made])
     in_flight = peak = 0
     for _when, step in events:
         in_flight += step
         peak = max(peak, in_flight)
-    assert peak == 2, f"at most --listing-jobs requests at once, and read-ahead does run them in parallel: {peak}"
+    return peak
+
+
+def test_read_ahead_keeps_at_most_listing_jobs_requests_in_flight(tree, tmp_path):
+    tree.set_faults(latency=0.1)
+    mnt, env = str(tmp_path / "mnt"), credentials_env(tree)
+    with mounted(tree.url, mnt, str(tmp_path / "cache1"), env, "--listing-jobs", "2"):
+        started = time.monotonic()
+        walk(mnt)
+        elapsed = time.monotonic() - started
+    made = listings(tree)
+    assert peak_in_flight(made) == 2  # one walk, and the read-ahead runs its listings in parallel
     assert len(made) == 3 + 3 * EXPERIMENTS  # read-ahead adds no request to the walk's
     assert elapsed < 0.1 * len(made)  # the walk did not wait on each request in turn
+    tree.clear_requests()
+    with mounted(tree.url, mnt, str(tmp_path / "cache2"), env, "--listing-jobs", "2"):
+        # Ten walks at once (one per subject) and the read-ahead: still two requests in flight at most.
+        finds = [
+            subprocess.Popen(["find", f"{mnt}/TREE/TREE_{n:02d}"], stdout=subprocess.DEVNULL) for n in range(1, 11)
+        ]
+        assert [f.wait(120) for f in finds] == [0] * 10
+    assert peak_in_flight(listings(tree)) == 2
 
 
 def test_remount_within_ttl_makes_no_listing_request_and_reads_from_the_cache(tree, tmp_path):

@@ -270,18 +270,20 @@ class AbstractTransport:
         answered and refused; raises XnatfsError for ``offline`` without a catalog.
         """
         catalog = self.catalog
-        has_catalog = catalog is not None and catalog.load("/") is not None
+        root = catalog.load("/") if catalog is not None else None
         if self.offline:
-            if not has_catalog:
-                raise XnatfsError(f"{self.catalog_scope()}: offline, and the cache holds no catalog of this source")
+            if root is None:
+                where = catalog.directory if catalog is not None else "the cache"
+                raise XnatfsError(f"--offline: no catalog of {self.catalog_scope()} in {where}")
             return None
         try:
             self._check_source()
         except (ConnectionError, TimeoutError, ServerError) as error:
-            if not has_catalog or (isinstance(error, ServerError) and (error.status or 500) < 500):
+            if root is None or (isinstance(error, ServerError) and (error.status or 500) < 500):
                 raise
-            self._down_until = time.monotonic() + DOWN_RETRY_SECONDS
-            return f"{error}; serving the cached catalog offline, reconnecting by itself"
+            self.source_down()
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(root[0]))
+            return f"{error}; mounted offline from the catalog (listed {when}), reconnecting by itself"
         return None
 
     # -- derived ------------------------------------------------------------------------------
@@ -467,7 +469,20 @@ class AbstractTransport:
             return cached.entries
         if self.offline:
             raise ConnectionFailedError(f"{path}: not in the catalog, and the mount is offline")
+        self.check_not_down(path)
         return self._refresh(path, cached)
+
+    def check_not_down(self, what: str) -> None:
+        """Raise ConnectionFailedError at once while the source is taken as unreachable (for a few
+        seconds after it failed to answer), so that a walk or a batch of reads of uncached data does
+        not wait ``timeout`` seconds per item; the first request after that tries again."""
+        left = self._down_until - time.monotonic()
+        if left > 0:
+            raise ConnectionFailedError(f"{what}: the source did not answer; trying again in {left:.0f} s")
+
+    def source_down(self) -> None:
+        """Record that the source failed to answer (see :meth:`check_not_down`)."""
+        self._down_until = time.monotonic() + DOWN_RETRY_SECONDS
 
     def _cached(self, path: str) -> _Listing | None:
         """Return the listing of ``path`` from memory, else from the catalog (then kept in memory)."""
@@ -511,7 +526,7 @@ class AbstractTransport:
                 raise
             except (XnatfsError, ConnectionError, TimeoutError) as error:
                 if isinstance(error, (ConnectionError, TimeoutError)):
-                    self._down_until = time.monotonic() + DOWN_RETRY_SECONDS
+                    self.source_down()
                 if stale is None:
                     raise
                 log.warning("%s: serving the last listing, the source failed: %s", path, error)

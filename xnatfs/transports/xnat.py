@@ -489,6 +489,7 @@ class XnatTransport(AbstractTransport):
         """
         if self.offline:
             raise ConnectionFailedError(f"{resource.api_path}: not in the cache, and the mount is offline")
+        self.check_not_down(resource.api_path)
         self.downloads += 1
         log.info("downloading %s as ZIP (%d files)", resource.api_path, len(listing.files))
         by_zip_name = zip_names(resource, listing)
@@ -504,14 +505,19 @@ class XnatTransport(AbstractTransport):
             return cache_path
 
         extractor = StreamingExtractor(filler.staging, self.limits, map_name=map_name, on_member=filler.publish)
+        answered = False
         try:
             # compression=0 overrides a site that deflates ZIPs: stored entries stream, and cost no CPU.
             with self.session.stream(resource.api_path + "/files", format="zip", compression="0") as chunks:
+                answered = True
+                self._down_until = 0.0
                 for chunk in chunks:
                     extractor.feed(chunk)
                     filler.progress()
             extractor.finish()
         except BaseException as error:
+            if isinstance(error, ConnectionFailedError) and not answered:
+                self.source_down()  # unreachable: other reads fail at once for a few seconds
             extractor.fail(error)
             raise
         for remote in listing.files.values():

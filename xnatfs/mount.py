@@ -133,6 +133,7 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
         )
     os.close(write_fd)
     message = b""
+    closed = False  # the daemon closed its end: it is exiting
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -140,6 +141,7 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
             if ready:
                 chunk = os.read(read_fd, 4096)
                 if not chunk:
+                    closed = True
                     break
                 message += chunk
                 # The daemon may send warning lines before its "ok" or its error line.
@@ -155,7 +157,11 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
     text = message.decode(errors="replace").strip()
     if text == "ok":
         return
-    status = child.poll()
+    try:
+        # The pipe closes as the daemon exits; give the exit a moment to complete (its worker threads).
+        status = child.wait(5) if closed and not text else child.poll()
+    except subprocess.TimeoutExpired:
+        status = None
     if status is not None and not text:
         cause = _daemon_error(log_file, log_start) or f"the mount daemon exited with status {status}"
         raise MountError(f"{cause} (log: {log_file})")

@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((latency, fig, xp))
                 server.clear_faults()
         print(f"find -ls over {args.tree_files} files (20 experiments, 100 scans), medians of {args.repeat}:")
-        print("| latency | fresh: time | requests (listings) | rounds | remount: time | requests | xnatpy: time | requests |")
+        print(
+            "| latency | fresh: time | requests (listings) | rounds | remount: time | requests "
+            "| xnatpy: time | requests |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for latency, fig, xp in rows:
             rounds = f"{fig['walk'] / latency:.0f}" if latency else "-"

@@ -20,6 +20,7 @@ from server_process import ServerProcess
 
 from xnatfs.catalog import Catalog
 from xnatfs.server.bench import make_bench_archive
+from xnatfs.transports import get_transport
 
 TREE_FILES = 100  # one per scan
 EXPERIMENTS = 20
@@ -251,3 +252,20 @@ def test_two_users_sharing_a_cache_directory_see_their_own_projects(server_facto
         assert sorted(os.listdir(mnt)) == public
     with mounted(server.url, mnt, cache, admin, "--offline"):
         assert sorted(os.listdir(mnt)) == everything
+
+
+def test_listing_past_ttl_is_answered_from_the_catalog_then_revalidated_in_the_background(tree, tmp_path):
+    opts = {"user": tree.user, "password": tree.password, "cache_dir": str(tmp_path / "cache"), "catalog": True}
+    with get_transport(tree.url, opts={**opts, "ttl": 0.5}) as first:
+        subjects = first.listdir("/TREE")
+    time.sleep(0.6)
+    tree.set_faults(latency=1.0)
+    tree.clear_requests()
+    with get_transport(tree.url, opts={**opts, "ttl": 0.5}) as second:
+        started = time.monotonic()
+        assert second.listdir("/TREE") == subjects  # from the catalog, past its ttl
+        assert time.monotonic() - started < 0.5  # without waiting for the server
+        deadline = time.monotonic() + 10
+        while "/data/projects/TREE/subjects" not in [r["path"] for r in tree.requests()]:
+            assert time.monotonic() < deadline, "the listing was not revalidated"
+            time.sleep(0.1)

@@ -537,7 +537,7 @@ class AbstractTransport:
                 self._listings[path] = _Listing(listing, fetched)
                 self._listing_locks.pop(path, None)
             self._persist(path, fetched, entries)
-        if stale is not None and stale.from_catalog and stale.entries != listing:
+        if stale is not None and stale.from_catalog and stale.entries != listing and path.startswith("/"):
             # A remount served the old listing first: what the kernel was told may be out of date.
             with self._lock:
                 self._stats.clear()

@@ -63,7 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"HOSTILESESSION", "text/plain")
         if "format=zip" in parts.query and parts.path in ZIPS:
             return self._send(200, ZIPS[parts.path], "application/zip")
-        if parts.path in LISTINGS:
+        if parts.path in LISTINGS and "all=true" not in parts.query:  # no bulk listings: per-level fallback
             body = json.dumps({"ResultSet": {"Result": LISTINGS[parts.path], "totalRecords": "0"}}).encode()
             return self._send(200, body, "application/json")
         return self._send(404, b"not found", "text/plain")

@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--ttl", type=float, default=60.0, help="seconds listings and attributes are trusted (default 60)"
     )
+    mount.add_argument(
+        "--offline",
+        action="store_true",
+        help="never contact the server: serve the listings and files already in the cache",
+    )
+    mount.add_argument(
+        "--listing-jobs",
+        type=int,
+        default=6,
+        metavar="N",
+        help="listing requests in flight at most; listings are fetched ahead in parallel (default 6)",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument(
         "--no-xattrs",
@@ -168,7 +180,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         str(args.ttl),
         "--calling-aet",
         args.calling_aet,
+        "--listing-jobs",
+        str(args.listing_jobs),
     ]
+    if args.offline:
+        argv.append("--offline")
     if args.cache_size is not None:
         argv += ["--cache-size", str(args.cache_size)]
     if args.no_xattrs:
@@ -198,7 +214,9 @@ def _mount_foreground(args: argparse.Namespace, cache_dir: str) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         transport = open_transport(args.source, args, cache_dir)
         try:
-            transport.listdir("/")  # fails now, with a clear message, on bad credentials or a dead server
+            # Fails now, with a clear message, on bad credentials or a dead server (unless the catalog
+            # in the cache can serve: then the mount starts offline with a warning).
+            warning = transport.connect()
         except BaseException:
             transport.close()
             raise
@@ -206,6 +224,12 @@ def _mount_foreground(args: argparse.Namespace, cache_dir: str) -> int:
         if args.ready_fd is not None:
             os.write(args.ready_fd, (_one_line(error) + "\n").encode())
         raise
+    if warning:
+        log.warning("%s", warning)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"warning: {warning}\n".encode())
+        else:
+            print(f"xnatfs: warning: {warning}", file=sys.stderr)
     transport.opts["xattrs"] = not args.no_xattrs
     control = _start_control(transport, mountpoint, cache_dir, args.timeout)
     try:
@@ -224,6 +248,9 @@ def open_transport(source: str, args: argparse.Namespace, cache_dir: str) -> Any
         "ttl": getattr(args, "ttl", 60.0),
         "cache": Cache(cache_dir, getattr(args, "cache_size", None)),
         "calling_aet": getattr(args, "calling_aet", "XNATFS"),
+        "catalog": True,  # listings kept in the cache folder: remounts and offline mounts need no server
+        "offline": getattr(args, "offline", False),
+        "listing_jobs": getattr(args, "listing_jobs", None),
     }
     if _scheme(source) in HTTP_SCHEMES:
         opts["user"], opts["password"] = resolve_credentials(source, args.user)

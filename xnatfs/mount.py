@@ -155,6 +155,10 @@ def start_daemon(argv: list[str], env: dict[str, str], log_file: str, timeout: f
                     closed = True
                     break
                 message += chunk
+                # The daemon may send warning lines before its "ok" or its error line.
+                while message.startswith(b"warning: ") and b"\n" in message:
+                    line, message = message.split(b"\n", 1)
+                    print(f"xnatfs: {line.decode(errors='replace')}", file=sys.stderr)
                 if message.endswith(b"\n"):
                     break
             elif child.poll() is not None:

@@ -110,7 +110,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- request life cycle ------------------------------------------------------------------------
 
     def _handle(self) -> None:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self._status = 0
         self._sent = 0
         self._user = ""
@@ -164,7 +164,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         if hooks and not self._is_hook and not self._recorded:
             self._recorded = True
             entry = {"method": self.command, "path": self._url.path, "query": self._url.query}
-            hooks.record({**entry, "status": self._status, "bytes": body_bytes, "user": self._user})
+            # Monotonic start and end, so tests can tell how many requests were in flight at once.
+            times = {"started": self._started, "finished": time.monotonic()}
+            hooks.record({**entry, "status": self._status, "bytes": body_bytes, "user": self._user, **times})
 
     def _inject_faults(self, hooks: TestHooks, path: str) -> bool:
         """Apply the active test faults; returns True when the request has been dealt with."""
@@ -449,6 +451,10 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._send_json(views.assessor_items(experiment.assessor(key) or _missing(key)))
             case ["assessors", key, *more]:
                 self._resources([experiment.assessor(key) or _missing(key)], _skip_out(more))
+            case ["resources"] | ["files"] if self._query.get("all") == "true":
+                # XNAT's bulk listings: the session's resources and those of its scans and assessors.
+                owners = [experiment, *experiment.scans.values(), *experiment.assessors.values()]
+                self._resources(owners, rest)
             case ["resources" | "files", *_]:
                 self._resources([experiment], rest)
             case _:
@@ -493,8 +499,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         """List the files of some resources, or (format=zip) stream them as an XNAT-style zip."""
         checksums = self.server.archive.checksums
         if self._query.get("format") != "zip":
+            unreadable = [r for r in resources if r.meta.get("catalog_unreadable")]
+            if unreadable:  # XNAT fails the whole listing when one catalog file cannot be read
+                raise HttpError(404, f"Unable to read the catalog of resource {unreadable[0].xnat_id}")
             digests = checksums if self.server.checksums else None
             rows = [views.file_row(r, entry, digests) for r in resources for entry in r.files()]
+            if self._query.get("all") == "true":  # bulk listings give URIs without the /data prefix
+                for row in rows:
+                    row["URI"] = row["URI"].removeprefix("/data")
             self._listing(None, rows)
             return
         members = [ZipMember(r.zip_name(entry.path), entry) for r in resources for entry in r.files()]

@@ -49,7 +49,7 @@ class TestHooks:
     # -- request log -------------------------------------------------------------------------------
 
     def record(self, entry: dict) -> None:
-        """Append one handled request ({"method","path","query","status","bytes","user"}) to the log."""
+        """Append one handled request ({"method","path","query","status","bytes","user","started","finished"})."""
         with self._lock:
             self._requests.append(entry)
 

@@ -41,6 +41,7 @@ class FileTransport(AbstractTransport):
     version = __version__
     url = "https://pypi.org/project/xnatfs/"
     schemes = ["file"]
+    persistent_catalog = False  # the folder itself is at hand: a catalog could only be out of date
 
     def __init__(
         self,

@@ -28,9 +28,11 @@ from datetime import datetime
 from typing import IO, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from cachetools import LRUCache
+
 from xnatfs import __version__
 from xnatfs.cache import Cache, CacheEntry, Filler
-from xnatfs.exceptions import NotFoundError, ServerError, UploadError, XnatfsError
+from xnatfs.exceptions import ConnectionFailedError, NotFoundError, ServerError, UploadError, XnatfsError
 from xnatfs.extract import ExtractLimits, StreamingExtractor
 from xnatfs.names import safe_relpath, scan_folder, unique_names
 from xnatfs.session import XnatSession, quote_part
@@ -167,13 +169,42 @@ class XnatTransport(AbstractTransport):
         # Sizes learned from downloaded content where the listing's Size was stale (XNAT's catalog
         # records a size that may be out of date; the bytes win).
         self._true_sizes: dict[tuple[str, str, str, int], int] = {}
+        # Each resource's FileListing, built from its rows (kept with them: rebuilt when they change).
+        self._file_listings: LRUCache[str, tuple[object, FileListing]] = LRUCache(maxsize=10_000)
 
     def close(self) -> None:
+        super().close()
         self.session.close()
+
+    def catalog_scope(self) -> str:
+        return f"xnat|{self.server_url}|{self.session.user or ''}"
+
+    def _check_source(self) -> None:
+        self.session.login()  # bad credentials or a dead server show here, even with a fresh catalog
+        self.listdir("/")
+
+    # -- catalog refs ---------------------------------------------------------------------
+
+    def _encode_ref(self, ref: Any) -> Any:
+        if isinstance(ref, RemoteFile):
+            return {"$file": [dataclasses.asdict(ref.resource), ref.server_path, ref.cache_path, ref.size, ref.digest]}
+        if isinstance(ref, Resource):
+            return {"$resource": dataclasses.asdict(ref)}
+        return super()._encode_ref(ref)
+
+    def _decode_ref(self, data: Any) -> Any:
+        if isinstance(data, dict) and "$file" in data:
+            resource, server_path, cache_path, size, digest = data["$file"]
+            return RemoteFile(Resource(**resource), str(server_path), str(cache_path), int(size), str(digest))
+        if isinstance(data, dict) and "$resource" in data:
+            return Resource(**data["$resource"])
+        return data
 
     # -- listings -------------------------------------------------------------------------
 
     def _list(self, path: str) -> list[Entry]:
+        if path.startswith("\0"):
+            return [Entry("", False, ref=self._bulk(path))]
         parts = [] if path == "/" else path.strip("/").split("/")
         if len(parts) == 0:
             return self._projects()
@@ -202,6 +233,70 @@ class XnatTransport(AbstractTransport):
             return self._resource_level(parts, 4, experiment, None)
         raise FileNotFoundError(path)
 
+    # Bulk listings: one request for what a per-level walk asks many for. Kept under keys that are
+    # not paths (a NUL and the kind), cached and persisted like folder listings. None: the server
+    # refused the bulk request (e.g. one unreadable catalog in the session): list per level instead.
+
+    def _bulk(self, key: str) -> Any:
+        kind, _, arg = key[1:].partition("\0")
+        if kind == "experiments":  # all experiments of project `arg`, with their subjects
+            columns = "ID,label,subject_ID,subject_label,xsiType,date,insert_date"
+            return self._rows_or_none(f"/data/projects/{quote_part(arg)}/experiments", columns)
+        if kind == "resources":  # all resources of experiment `arg`, its scans' included
+            return self._rows_or_none(f"/data/experiments/{quote_part(arg)}/resources?all=true")
+        if kind == "files":  # all files of experiment `arg`, by resource ID
+            rows = self._rows_or_none(f"/data/experiments/{quote_part(arg)}/files?all=true")
+            if rows is None:
+                return None
+            grouped: dict[str, list[dict[str, str]]] = {}
+            for row in rows:
+                grouped.setdefault(str(row.get("cat_ID") or ""), []).append(row)
+            return grouped
+        if kind == "resource-files":  # one resource's files (`arg` is its API path)
+            return self._rows(arg + "/files")
+        raise FileNotFoundError(key)
+
+    def _raw(self, key: str) -> Any:
+        """Return the value of bulk listing ``key`` (cached like a folder listing)."""
+        return self._listing(key)[""].ref
+
+    def _rows(self, path: str, columns: str | None = None) -> list[dict[str, str]]:
+        """Return the rows of a listing request, holding a listing slot (bounds requests in flight)."""
+        with self._listing_slots:
+            return self.session.get_rows(path, columns)
+
+    def _rows_or_none(self, path: str, columns: str | None = None) -> list[dict[str, str]] | None:
+        try:
+            return self._rows(path, columns)
+        except (NotFoundError, ServerError) as error:
+            log.info("%s: bulk listing refused (%s); listing level by level", path.split("?")[0], error)
+            return None
+
+    def _readahead_keys(self, path: str, entries: dict[str, Entry]) -> list[str]:
+        parts = path.strip("/").split("/")
+        if path == "/" or len(parts) != 2:
+            return super()._readahead_keys(path, entries)
+        # A subject: what its experiments' folders are made of (3 requests per experiment, not one
+        # per scan and resource); never anything below.
+        keys = []
+        for entry in entries.values():
+            eid = entry.ref.get("ID") if isinstance(entry.ref, dict) else None
+            if not eid:
+                continue
+            if str(entry.ref.get("xsiType") or _IMAGE_SESSION_SUFFIX).endswith(_IMAGE_SESSION_SUFFIX):
+                keys.append(f"{path}/{entry.name}/scans")
+            keys += [f"\0resources\0{eid}", f"\0files\0{eid}"]
+        return keys
+
+    def _forget(self, *keys: str) -> None:
+        """Drop bulk listings (memory and catalog) after a change made through this transport."""
+        with self._lock:
+            for key in keys:
+                self._listings.pop(key, None)
+        if self.catalog is not None:
+            for key in keys:
+                self.catalog.forget(key)
+
     def _resource_level(self, parts: list[str], at: int, experiment: Entry, scan: dict | None) -> list[Entry]:
         """List ``.../resources`` (``parts[at]`` absent), ``.../resources/{label}`` or below ``files``."""
         if len(parts) == at:
@@ -218,25 +313,29 @@ class XnatTransport(AbstractTransport):
         return Entry(name, True, mtime=parent.mtime if mtime is None else mtime, key=f"{parent.key}/{name}")
 
     def _projects(self) -> list[Entry]:
-        rows = self.session.get_rows("/data/projects", "ID,secondary_ID,name,insert_date")
+        rows = self._rows("/data/projects", "ID,secondary_ID,name,insert_date")
         return self._entries(rows, "ID", lambda r: f"project:{r.get('ID')}")
 
     def _subjects(self, project: str) -> list[Entry]:
-        rows = self.session.get_rows(f"/data/projects/{quote_part(project)}/subjects", "ID,label,insert_date")
+        rows = self._rows(f"/data/projects/{quote_part(project)}/subjects", "ID,label,insert_date")
         return self._entries(rows, "label", lambda r: f"subject:{r.get('ID')}")
 
     def _experiments(self, project: str, subject: Entry) -> list[Entry]:
-        rows = self.session.get_rows(
-            f"/data/projects/{quote_part(project)}/subjects/{quote_part(subject.ref['ID'])}/experiments",
-            "ID,label,date,insert_date,xsiType",
-        )
+        bulk = self._raw(f"\0experiments\0{project}")
+        if bulk is not None:
+            rows = [dict(r) for r in bulk if str(r.get("subject_ID") or "") == str(subject.ref.get("ID") or "")]
+        else:
+            rows = self._rows(
+                f"/data/projects/{quote_part(project)}/subjects/{quote_part(subject.ref['ID'])}/experiments",
+                "ID,label,date,insert_date,xsiType",
+            )
         for row in rows:
             row["project"] = project
         return self._entries(rows, "label", lambda r: f"experiment:{r.get('ID')}")
 
     def _scans(self, experiment: Entry) -> list[Entry]:
         eid = experiment.ref["ID"]
-        rows = self.session.get_rows(f"/data/experiments/{quote_part(eid)}/scans", "ID,type,series_description")
+        rows = self._rows(f"/data/experiments/{quote_part(eid)}/scans", "ID,type,series_description")
         for row in rows:
             row["folder"] = scan_folder(str(row.get("ID", "")), row.get("type"))
         return self._entries(rows, "folder", lambda r: f"scan:{eid}/{r.get('ID')}", experiment.mtime)
@@ -244,10 +343,18 @@ class XnatTransport(AbstractTransport):
     def _resources(self, experiment: Entry, scan: dict | None) -> list[Entry]:
         eid = experiment.ref["ID"]
         scan_id = None if scan is None else str(scan.get("ID", ""))
-        path = f"/data/experiments/{quote_part(eid)}"
-        if scan_id is not None:
-            path += f"/scans/{quote_part(scan_id)}"
-        rows = [r for r in self.session.get_rows(path + "/resources") if r.get("xnat_abstractresource_id")]
+        bulk = self._raw(f"\0resources\0{eid}")
+        if bulk is not None:
+            if scan_id is None:
+                rows = [dict(r) for r in bulk if r.get("category") == "resources"]
+            else:
+                rows = [dict(r) for r in bulk if r.get("category") == "scans" and str(r.get("cat_id")) == scan_id]
+        else:
+            path = f"/data/experiments/{quote_part(eid)}"
+            if scan_id is not None:
+                path += f"/scans/{quote_part(scan_id)}"
+            rows = self._rows(path + "/resources")
+        rows = [r for r in rows if r.get("xnat_abstractresource_id")]
         for row, name in zip(rows, resource_names(rows)):
             row["folder"] = name
         entries = self._entries(
@@ -295,30 +402,23 @@ class XnatTransport(AbstractTransport):
         return entries
 
     def _file_listing(self, resource: Resource) -> FileListing:
-        """Return the resource's files listing (one request, cached like a folder listing).
-
-        When the server cannot be reached, the last listing is used: cached files stay readable.
-        """
-        key = f"\0files:{resource.api_path}"
+        """Return the resource's files listing: from the session's bulk files listing, or (when the
+        server refused that) from the resource's own listing. Cached like folder listings; when the
+        server cannot be reached, the last listing is used: cached files stay readable."""
+        rows: Any = None
+        if resource.resource_id:
+            bulk = self._raw(f"\0files\0{resource.experiment_id}")
+            if bulk is not None:
+                rows = bulk.get(resource.resource_id, [])
+        if rows is None:
+            rows = self._raw(f"\0resource-files\0{resource.api_path}")
         with self._lock:
-            cached = self._fresh.get(key)
-        if cached is not None:
-            return cached
-        try:
-            rows = self.session.get_rows(resource.api_path + "/files")
-        except (NotFoundError, PermissionError):
-            raise
-        except XnatfsError as error:
-            with self._lock:
-                stale = self._last.get(key)
-            if stale is None:
-                raise
-            log.warning("%s: using the last files listing, the server failed: %s", resource.api_path, error)
-            return stale
+            memo = self._file_listings.get(resource.api_path)
+        if memo is not None and memo[0] is rows:
+            return memo[1]
         listing = file_listing(resource, rows)
         with self._lock:
-            self._fresh[key] = listing
-            self._last[key] = listing
+            self._file_listings[resource.api_path] = (rows, listing)
         return listing
 
     def _entries(
@@ -379,10 +479,10 @@ class XnatTransport(AbstractTransport):
         parent, name = posixpath.split(path)
         with self._lock:
             self._true_sizes[_size_key(entry.ref)] = size
-            for listings in (self._fresh, self._last):
-                listing = listings.get(parent)
-                if listing is not None and name in listing:
-                    listings[parent] = {**listing, name: dataclasses.replace(listing[name], size=size)}
+            cached = self._listings.get(parent)
+            if cached is not None and name in cached.entries:
+                entries = {**cached.entries, name: dataclasses.replace(cached.entries[name], size=size)}
+                self._listings[parent] = dataclasses.replace(cached, entries=entries)
         self.changed(path)
 
     def _download_resource(self, resource: Resource, listing: FileListing, filler: Filler) -> None:
@@ -392,6 +492,9 @@ class XnatTransport(AbstractTransport):
         :meth:`Resource.zip_name`); entries that match no listed file are skipped, and listed files
         the ZIP did not bring (a name the rules leave ambiguous) are downloaded one by one.
         """
+        if self.offline:
+            raise ConnectionFailedError(f"{resource.api_path}: not in the cache, and the mount is offline")
+        self.check_not_down(resource.api_path)
         self.downloads += 1
         log.info("downloading %s as ZIP (%d files)", resource.api_path, len(listing.files))
         by_zip_name = zip_names(resource, listing)
@@ -407,14 +510,19 @@ class XnatTransport(AbstractTransport):
             return cache_path
 
         extractor = StreamingExtractor(filler.staging, self.limits, map_name=map_name, on_member=filler.publish)
+        answered = False
         try:
             # compression=0 overrides a site that deflates ZIPs: stored entries stream, and cost no CPU.
             with self.session.stream(resource.api_path + "/files", format="zip", compression="0") as chunks:
+                answered = True
+                self._down_until = 0.0
                 for chunk in chunks:
                     extractor.feed(chunk)
                     filler.progress()
             extractor.finish()
         except BaseException as error:
+            if isinstance(error, ConnectionFailedError) and not answered:
+                self.source_down()  # unreachable: other reads fail at once for a few seconds
             extractor.fail(error)
             raise
         for remote in listing.files.values():
@@ -542,12 +650,12 @@ class XnatTransport(AbstractTransport):
             ).close()
         rows = self.session.get_rows(resource.api_path + "/files")
         remote = file_listing(resource, rows).files.get(server_path)
+        eid = resource.experiment_id
+        self._forget(f"\0files\0{eid}", f"\0resources\0{eid}", f"\0resource-files\0{resource.api_path}")
         if remote is None:
             raise ServerError(f"{url}: the uploaded file is missing from the server's listing")
         if remote.size != size or (remote.digest and remote.digest != md5.hexdigest()):
             raise ServerError(f"{url}: the upload arrived damaged (server has {remote.size} of {size} bytes)")
-        with self._lock:
-            self._fresh.pop(f"\0files:{resource.api_path}", None)
 
 
 class _Upload(io.RawIOBase):

@@ -33,6 +33,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"'{DEFAULT_PASSWORD}'); passwords are never taken from the command line",
     )
     parser.add_argument(
+        "--zip-compression",
+        type=int,
+        choices=range(10),
+        default=0,
+        metavar="LEVEL",
+        help="the site's ZIP compression when a request does not ask (0: STORED, XNAT's default; 1-9: DEFLATE "
+        "with data descriptors, as XNAT with zipCompressionMethod=8)",
+    )
+    parser.add_argument(
+        "--ignore-compression-param",
+        action="store_true",
+        help="use --zip-compression even when a request asks for ?compression= (a server that always deflates)",
+    )
+    parser.add_argument(
         "--test-hooks",
         action="store_true",
         help="enable the /_test/ endpoints (request log, injected faults); for test suites only",
@@ -70,6 +84,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"xnatfs serve: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 1
+    server.zip_compression = args.zip_compression
+    server.ignore_compression_param = args.ignore_compression_param
     try:
         print(
             f"xnatfs serve: listening on http://{args.host}:{server.server_address[1]} (data: {archive.root})",

@@ -62,6 +62,8 @@ class XnatHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    zip_compression = 0  # the site setting: ZIPs of a request without ?compression=
+    ignore_compression_param = False  # True: zip_compression even when a request asks otherwise
 
     def __init__(self, address: tuple[str, int], archive: Archive, auth: Auth, hooks: TestHooks | None) -> None:
         super().__init__(address, RequestHandler)
@@ -471,8 +473,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         members = [ZipMember(r.zip_base() + entry.path, entry) for r in resources for entry in r.files()]
         if not members:
             raise HttpError(404, "No files match the selection")
+        asked = None if self.server.ignore_compression_param else self._query.get("compression")
         try:
-            level = int(self._query.get("compression", "0") or 0)
+            level = int(asked or self.server.zip_compression)
         except ValueError as error:
             raise HttpError(400, "compression must be a number 0-9") from error
         if not 0 <= level <= 9:

@@ -300,7 +300,7 @@ def profile_daemon(target: Target, work: str, out_dir: str) -> None:
             os.listdir(folder)
             part = f"{out}.{i}"
             spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "1000", "--format", "raw",
-                                    "--output", part, "--native", "--threads"], stdout=subprocess.DEVNULL,
+                                    "--output", part, "--threads"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)  # fmt: skip
             time.sleep(1.0)  # py-spy attaches
             cat_all(folder, target.files)

@@ -620,8 +620,7 @@ class _Output:
             return _EntryWriter(self, relpath, entry, follow_deflate=follow_deflate)
         parent, _, base = relpath.rpartition("/")
         dir_fd = self._dir_fd(parent)
-        if _lexists(base, dir_fd):
-            raise UnsafeArchiveError(f"target already exists: {relpath!r}")
+        # No lstat of the target here (one per member): publish() links without replacing and refuses then.
         while True:
             self._temp_count += 1
             temp_name = f"{self._temp_prefix}{self._temp_count}.part"

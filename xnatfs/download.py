@@ -161,7 +161,7 @@ def download_experiment(
         label = found.get("label") or experiment
         target = _inside(dest, label)
         path = f"/data/experiments/{quote_part(found['ID'])}/scans/ALL/resources/{quote_part(resource)}/files"
-        total = _total_size(session, found["ID"], resource)
+        total = _total_size(session, found["ID"], resource) if progress else None  # only the bar needs it
         bar = Progress(label, total, enabled=progress)
         os.makedirs(dest, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=dest)

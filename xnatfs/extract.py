@@ -38,12 +38,16 @@ import tempfile
 import threading
 import time
 import zipfile
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from xnatfs.exceptions import IncompleteDownloadError, UnsafeArchiveError
+
+try:  # ISA-L: zlib's API, with CRC-32 about 5x and inflation about 1.6x faster (the CPU of a cold read)
+    from isal import isal_zlib as zlib
+except ImportError:  # pragma: no cover - isal is a dependency; plain zlib does the same, slower
+    import zlib
 
 __all__ = [
     "ExtractLimits",

@@ -7,7 +7,7 @@ are deflated and, since their compressed size is only known afterwards, followed
 ZIP64 is written as XNAT's writer (Java's ZipOutputStream) writes it: a STORED member of 4 GiB or more has
 a ZIP64 extra field in its local header; a deflated member whose sizes pass 4 GiB gets a data descriptor
 with 64-bit sizes although its local header has no ZIP64 extra field; the central directory carries ZIP64
-extra fields for what overflows, and a ZIP64 end record follows past 65,534 members or 4 GiB of offsets.
+extra fields for what overflows, and a ZIP64 end record follows from 65,535 members or 4 GiB of offsets on.
 Names are UTF-8 (flag bit 11). Memory use is one read buffer plus ~100 bytes per member for the central
 directory.
 """

@@ -219,3 +219,30 @@ def test_download_of_more_than_65535_files_through_the_server(server_factory, fa
     assert len(names) == MANY
     for i in (0, 1, 65_534, 65_535):
         assert (out / f"{i:06d}.txt").read_bytes() == b"%d" % i
+
+
+# -- many resources at once -------------------------------------------------------------------------------
+
+
+def test_cp_r_of_an_experiment_downloads_its_resources_concurrently(server_factory, tmp_path: Path) -> None:
+    session = tmp_path / "data" / "P1" / "S1" / "E1"
+    content = {}
+    for scan in range(1, 9):
+        folder = session / "scans" / str(scan) / "resources" / "DICOM"
+        folder.mkdir(parents=True)
+        for name in ("a.dcm", "b.dcm"):
+            content[f"scans/{scan}/resources/DICOM/files/{name}"] = os.urandom(50_000)
+            (folder / name).write_bytes(content[f"scans/{scan}/resources/DICOM/files/{name}"])
+    server = server_factory(data=tmp_path / "data")
+    mnt, copy = str(tmp_path / "mnt"), tmp_path / "copy"
+    with mounted(server.url, mnt, str(tmp_path / "cache"), credentials_env(server), timeout=30):
+        server.set_faults(throttle=100_000)  # each resource's ZIP (~100 kB) takes ~1 s: 8 s one after another
+        start = time.monotonic()
+        subprocess.run(["cp", "-r", f"{mnt}/P1/S1/E1", str(copy)], check=True, timeout=60)
+        took = time.monotonic() - start
+        server.clear_faults()
+    copied = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert copied == content
+    zips_sent = [r for r in server.requests() if "format=zip" in (r.get("query") or "")]
+    assert len(zips_sent) == 8  # each resource once, whoever asked first
+    assert took < 6, f"cp -r took {took:.1f} s: the resources were downloaded one after another"

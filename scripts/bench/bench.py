@@ -1,7 +1,7 @@
 """xnatfs benchmarks: side by side in one run, against embedded servers; prints a table of ratios.
 
 Usage: scripts/bench/run [--big-mb 200] [--big-files 399] [--tree-files 10000] [--huge-mb 1024] [--repeat 3]
-                         [--only cold,warm,find,rss] [--profile DIR]
+                         [--only cold,warm,find,rss,experiment] [--profile DIR]
 
 Every figure is the median of ``--repeat`` runs, the contenders run alternately (round-robin) so a burst of
 load from another tenant of the machine lands on all of them. The machine is shared: read ratios, not times.
@@ -165,7 +165,7 @@ def main() -> int:
     parser.add_argument("--tree-files", type=int, default=10000)
     parser.add_argument("--huge-mb", type=int, default=1024, help="size of the resource for the RSS figure (0: skip)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="cold,warm,find,rss", help="which parts to run (comma-separated)")
+    parser.add_argument("--only", default="cold,warm,find,rss,experiment", help="which parts to run (comma-separated)")
     parser.add_argument("--profile", metavar="DIR", help="sample the daemon with py-spy during extra cold reads")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -173,7 +173,8 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="xnatfs-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     data = os.path.join(work, "data")
     print(f"generating the benchmark archive in {data} ...", flush=True)
-    make_archive(data, args.big_mb, args.big_files, args.tree_files if "find" in parts else 0)
+    tree_files = args.tree_files if parts & {"find", "experiment"} else 0
+    make_archive(data, args.big_mb, args.big_files, tree_files)
     server = ServerProcess(data=data, test_hooks=True)
     deflating = ServerProcess(data=data, test_hooks=False, extra_args=DEFLATE_ARGS)
     try:
@@ -187,6 +188,8 @@ def main() -> int:
             warm_reads(target, work, args)
         if "find" in parts:
             find_ls(server, work)
+        if "experiment" in parts and tree_files:
+            experiment_copy(server, work, args)
         if "rss" in parts and args.huge_mb:
             huge_rss(work, args)
     finally:
@@ -411,6 +414,43 @@ def find_ls(server: ServerProcess, work: str) -> None:
     row(f"find -ls over {entries} entries: requests / directories", f"{requests_first} / {dirs} ({t_find:.1f} s)",
         "requests <= directories")  # fmt: skip
     row("find -ls again within the TTL: requests", f"{requests_second} ({t_find2:.2f} s)", "0")
+    force_unmount(mnt)
+
+
+def experiment_copy(server: ServerProcess, work: str, args) -> None:
+    """``cp -r`` of one experiment of the TREE project (5 scan resources) through a fresh mount, vs ``curl -o``
+    of its resources' ZIPs one after another, at 0 and 50 ms of server latency."""
+    env = credentials_env(server)
+    opts = {"url": server.url, "user": server.user, "password": server.password}
+    probe = XnatTransport(opts={**opts, "cache": Cache(os.path.join(work, "probe-cache-tree"))})
+    experiment = "/TREE/TREE_01/TREE_01_MR1"
+    urls = []
+    for root, _dirs, files in probe.walk(experiment):
+        if root.endswith("/files") and files:
+            urls.append(f"{server.url}{probe.stat(f'{root}/{files[0]}').ref.resource.api_path}/files?format=zip")
+    probe.close()
+    mnt = os.path.join(work, "mnt")
+    counter = iter(range(10**6))
+    for latency in (0.0, 0.05):
+        server.set_faults(latency=latency)
+
+        def curls() -> None:
+            for url in urls:
+                path = os.path.join(work, f"tree-{next(counter)}.zip")
+                subprocess.run(["curl", "-sf", "-u", f"{server.user}:{server.password}", "-o", path, url], check=True)
+
+        def copy() -> dict[str, float]:
+            number = next(counter)
+            with mounted(server.url, mnt, os.path.join(work, f"cache-tree-{number}"), env, timeout=60):
+                start = time.perf_counter()
+                subprocess.run(["cp", "-r", mnt + experiment, os.path.join(work, f"copy-{number}")], check=True)
+                return {"cp": time.perf_counter() - start}
+
+        times = interleaved({"curl": curls, "mount": copy}, args.repeat)
+        row(f"cp -r of an experiment ({len(urls)} resources) via a fresh mount / sequential curl -o of its ZIPs,"
+            f" {latency * 1000:.0f} ms latency", f"{med(times, 'mount:cp') / med(times, 'curl'):.2f}  "
+            f"({med(times, 'mount:cp'):.2f} vs {med(times, 'curl'):.2f} s)", "")  # fmt: skip
+    server.clear_faults()
     force_unmount(mnt)
 
 

@@ -506,7 +506,8 @@ def test_error_mid_stream_keeps_verified_members_only(area: Path) -> None:
     [(b"", "before the central directory"),
      (zips.single("big", b"x" * 5000)[:2000], "inside the entry"),
      (zips.single("big", b"x" * 5000)[:-10], "end of the central directory"),
-     (zips.descriptor_entries({"a": bytes(range(256)) * 20})[:-200], "end of the central directory")],
+     (zips.descriptor_entries({"a": bytes(range(256)) * 20}, STORED)[:-200], "end of the central directory"),
+     (zips.descriptor_entries({"a": bytes(range(256)) * 20})[:-200], "inside the entry")],
 )  # fmt: skip
 def test_stream_ending_early(area: Path, archive: bytes, message: str) -> None:
     dest = area / "work" / "dest"
@@ -518,12 +519,14 @@ def test_stream_ending_early(area: Path, archive: bytes, message: str) -> None:
     assert all(not name.startswith(".") for name in os.listdir(dest))
 
 
-def test_fallback_for_data_descriptors(area: Path) -> None:
-    normal = {"e/1": os.urandom(10_000), "e/2": b"two" * 1000}
-    followed = [Entry(name, data) for name, data in normal.items()]
+def test_fallback_for_stored_entries_with_data_descriptors(area: Path) -> None:
+    followed = [
+        Entry("e/1", os.urandom(10_000)),
+        Entry("e/2", b"two" * 1000),
+        Entry("e/3", b"three" * 5000, method=DEFLATED, descriptor=True),  # a deflate stream ends by itself
+    ]
     spooled = [
-        Entry("e/3", b"three" * 5000, method=DEFLATED, descriptor=True),
-        Entry("e/4", os.urandom(5000), method=STORED, descriptor=True),
+        Entry("e/4", os.urandom(5000), method=STORED, descriptor=True),  # nothing says where it ends
         Entry("e/5", b"after the fallback"),
     ]
     archive = zips.build(followed + spooled)
@@ -536,7 +539,7 @@ def test_fallback_for_data_descriptors(area: Path) -> None:
     waiter.start()
     for piece in chunked(archive, 3000):
         extractor.feed(piece)
-    assert extractor.members == ["e/1", "e/2"]
+    assert extractor.members == ["e/1", "e/2", "e/3"]
     assert extractor.finish() == announced == ["e/1", "e/2", "e/3", "e/4", "e/5"]
     waiter.join(5)
     assert waiter_result == [str(dest / "e" / "4")]

@@ -34,6 +34,7 @@ class Entry:
     crc: int | None = None  # declared CRC (default: the real one)
     size: int | None = None  # declared uncompressed size (default: the real one)
     descriptor: bool = False  # CRC and sizes after the data (flag bit 3), zeros in the local header
+    descriptor_signature: bool = True  # the descriptor starts with PK\x07\x08 (optional in the format)
     flags: int = 0
     listed: bool = True  # in the central directory
     # Central directory fields that differ from the local header: name, crc, size, compressed, offset.
@@ -72,6 +73,8 @@ def local_entry(entry: Entry) -> bytes:
     declared = (0, 0, 0) if entry.descriptor else (crc, len(payload), size)
     header = _LOCAL.pack(b"PK\x03\x04", 20, flags, entry.method, 0, 0x21, *declared, len(name), 0)
     trailer = _DESCRIPTOR.pack(b"PK\x07\x08", crc, len(payload), size) if entry.descriptor else b""
+    if not entry.descriptor_signature:
+        trailer = trailer[4:]
     return header + name + payload + trailer
 
 

@@ -18,6 +18,7 @@ the first request after the wait tries again, so a password that works again is 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import threading
@@ -41,7 +42,7 @@ from xnatfs.exceptions import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 1 << 20  # at most this many body bytes per piece: one socket read into a fresh buffer
 AUTH_RETRY_SECONDS = 15.0  # first wait after refused credentials; doubles per refusal
 AUTH_RETRY_MAX_SECONDS = 600.0
 
@@ -239,8 +240,9 @@ class XnatSession:
             response.close()
 
     def _iter_body(self, response: requests.Response, path: str) -> Iterator[bytes]:
+        direct = _direct_body(response)
         try:
-            yield from response.raw.stream(CHUNK_SIZE, decode_content=True)
+            yield from direct if direct is not None else response.raw.stream(CHUNK_SIZE, decode_content=True)
         except (requests.RequestException, OSError) as error:
             raise ConnectionFailedError(f"{path}: the download broke off: {_describe(error)}") from None
         except Exception as error:  # urllib3's own errors (ProtocolError, ReadTimeoutError)
@@ -290,6 +292,57 @@ class XnatSession:
 
     def _where(self, path: str) -> str:
         return self.url + path.split("?", 1)[0]
+
+
+def _direct_body(response: requests.Response) -> Iterator[bytearray] | None:
+    """Return the body's pieces read straight from the socket, or None where that does not apply.
+
+    Each piece is one read of the socket into a fresh buffer (as much as has arrived, up to CHUNK_SIZE): no
+    copy through urllib3's and http.client's buffers, no waiting for a full buffer before handing bytes on.
+    The chunked framing is still http.client's. Used for bodies without Content-Encoding; a body read to
+    its end gives its connection back to the pool. Raises OSError/ValueError/IncompleteRead as the socket
+    layer does.
+    """
+    raw = response.raw
+    message = getattr(raw, "_fp", None)
+    fp = getattr(message, "fp", None)
+    encoding = response.headers.get("Content-Encoding", "identity").lower()
+    if (
+        not isinstance(message, http.client.HTTPResponse)
+        or not hasattr(fp, "readinto1")
+        or not hasattr(message, "_get_chunk_left")
+        or encoding != "identity"
+    ):
+        return None
+
+    def pieces() -> Iterator[bytearray]:
+        while True:
+            if message.chunked:
+                left = message._get_chunk_left()  # reads the chunk-size line (and, at the end, the trailer)
+                if left is None:
+                    break
+            else:
+                left = message.length
+                if left is None:
+                    left = CHUNK_SIZE  # until the server closes the connection
+                elif left == 0:
+                    message._close_conn()
+                    break
+            buffer = bytearray(min(left, CHUNK_SIZE))
+            got = fp.readinto1(buffer)
+            if not got:
+                if message.chunked or message.length is not None:
+                    raise http.client.IncompleteRead(b"")
+                break
+            if message.chunked:
+                message.chunk_left = left - got
+            elif message.length is not None:
+                message.length -= got
+            del buffer[got:]
+            yield buffer
+        raw.release_conn()  # read to its end: the connection can serve the next request
+
+    return pieces()
 
 
 def _describe(error: BaseException) -> str:

@@ -69,6 +69,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="XNAT's checksums site setting (default on): file listings carry each file's MD5 digest",
     )
     parser.add_argument(
+        "--ignore-compression-param",
+        action="store_true",
+        help="use --zip-compression even when a request asks for ?compression= (a server that always deflates)",
+    )
+    parser.add_argument(
         "--test-hooks",
         action="store_true",
         help="enable the /_test/ endpoints (request log, injected faults); for test suites only",
@@ -108,6 +113,7 @@ def run_serve(args: argparse.Namespace) -> int:
             require_login=args.require_login,
             zip_compression=args.zip_compression,
             checksums=args.checksums,
+            ignore_compression_param=args.ignore_compression_param,
         )
     except OSError as error:
         print(f"xnatfs serve: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)

@@ -72,6 +72,7 @@ class XnatHTTPServer(ThreadingHTTPServer):
         require_login: bool = True,
         zip_compression: int = 0,
         checksums: bool = True,
+        ignore_compression_param: bool = False,
     ) -> None:
         super().__init__(address, RequestHandler)
         self.archive = archive
@@ -81,6 +82,8 @@ class XnatHTTPServer(ThreadingHTTPServer):
         # user (public projects only); zipCompressionMethod picks STORED (0) or DEFLATE for ZIPs.
         self.require_login = require_login
         self.zip_compression = zip_compression
+        # True: zip_compression even when a request asks for ?compression= (a server that always deflates).
+        self.ignore_compression_param = ignore_compression_param
         self.checksums = checksums  # XNAT's checksums setting: without it, file listings carry no digest
 
 
@@ -512,8 +515,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         members = [ZipMember(r.zip_name(entry.path), entry) for r in resources for entry in r.files()]
         if not members:
             raise HttpError(404, "No files match the selection")
+        asked = None if self.server.ignore_compression_param else self._query.get("compression")
         try:
-            level = int(self._query.get("compression") or self.server.zip_compression)
+            level = int(asked or self.server.zip_compression)
         except ValueError as error:
             raise HttpError(400, "compression must be a number 0-9") from error
         if not 0 <= level <= 9:

@@ -4,8 +4,12 @@ Like XNAT's default, members are STORED with the CRC and sizes in the local head
 flag bit 3 clear), so a reader can unpack the stream without seeking. That needs each file's CRC before
 its data: the caller passes `crc_of`, which is expected to cache. With a compression level > 0 members
 are deflated and, since their compressed size is only known afterwards, followed by a data descriptor.
-ZIP64 records are written when a size, an offset or the number of members does not fit the classic
-fields. Memory use is one read buffer plus ~100 bytes per member for the central directory.
+ZIP64 is written as XNAT's writer (Java's ZipOutputStream) writes it: a STORED member of 4 GiB or more has
+a ZIP64 extra field in its local header; a deflated member whose sizes pass 4 GiB gets a data descriptor
+with 64-bit sizes although its local header has no ZIP64 extra field; the central directory carries ZIP64
+extra fields for what overflows, and a ZIP64 end record follows from 65,535 members or 4 GiB of offsets on.
+Names are UTF-8 (flag bit 11). Memory use is one read buffer plus ~100 bytes per member for the central
+directory.
 """
 
 from __future__ import annotations
@@ -33,9 +37,6 @@ STORED = 0
 DEFLATED = 8
 UNIX_FILE_MODE = 0o100644 << 16
 MADE_BY_UNIX = 3 << 8
-# Deflate output can be slightly larger than its input; files this close to 4 GiB are stored instead,
-# so a deflated member never needs ZIP64 sizes in its data descriptor.
-DEFLATE_SIZE_LIMIT = LIMIT_32 - (1 << 24)
 OUTPUT_CHUNK = 256 * 1024
 
 
@@ -87,8 +88,7 @@ def _pieces(members: Iterable[ZipMember], crc_of: Callable[[FileEntry], int], le
         entry = member.entry
         name = member.name.encode("utf-8")
         dos_time, dos_date = dos_datetime(entry.mtime)
-        deflate = level > 0 and entry.size < DEFLATE_SIZE_LIMIT
-        if deflate:
+        if level > 0:
             record = _Written(name, DEFLATED, FLAG_UTF8 | FLAG_DATA_DESCRIPTOR, dos_time, dos_date, 0, 0, 0, offset)
             header = _local_header(record, zip64=False)
             yield header
@@ -103,8 +103,11 @@ def _pieces(members: Iterable[ZipMember], crc_of: Callable[[FileEntry], int], le
             compressed += len(out)
             yield out
             record.crc, record.compressed, record.size = crc, compressed, entry.size
-            yield struct.pack("<IIII", DATA_DESCRIPTOR, crc, compressed, entry.size)
-            offset += len(header) + compressed + 16
+            # Java: 64-bit sizes once either passes 4 GiB, whatever the local header said.
+            wide = compressed >= LIMIT_32 or entry.size >= LIMIT_32
+            descriptor = struct.pack("<IIQQ" if wide else "<IIII", DATA_DESCRIPTOR, crc, compressed, entry.size)
+            yield descriptor
+            offset += len(header) + compressed + len(descriptor)
         else:
             crc = crc_of(entry)
             record = _Written(name, STORED, FLAG_UTF8, dos_time, dos_date, crc, entry.size, entry.size, offset)

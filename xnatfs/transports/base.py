@@ -10,6 +10,12 @@ The base class derives from them, with caching, everything the mount, the downlo
 CLI use: :meth:`listdir`, :meth:`stat`, :meth:`exists`, :meth:`isfile`, :meth:`isdir`,
 :meth:`walk`, :meth:`info`, :meth:`open` and :meth:`fetch`.
 
+A transport whose content comes in units (one download brings a folder's files, e.g. an XNAT
+resource) may also say which unit a file belongs to and which folder groups units read together
+(:meth:`AbstractTransport._unit_of`): when a reader moves on to a second unit of one group (``cp -r``
+of an experiment), the base class downloads the group's other units in the background, a bounded
+number at a time (option ``parallel_downloads``, default 4; 0 turns it off).
+
 Paths are tree paths: absolute, ``/``-separated, as seen on the mount (``/P/S/E/scans``).
 """
 
@@ -37,6 +43,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTING_JOBS = 6
 # After the source failed to answer a listing, stale listings are served without asking it for this long.
 DOWN_RETRY_SECONDS = 10.0
+DEFAULT_PARALLEL_DOWNLOADS = 4
+# Set in threads that read ahead, so that their own fetches do not start more reading ahead.
+_reading_ahead = threading.local()
 
 
 class NoOtherInstance(Exception):
@@ -204,6 +213,11 @@ class AbstractTransport:
         self._local: TTLCache[str, str] = TTLCache(maxsize=size, ttl=min(ttl, 30.0))
         self._lock = threading.Lock()
         self._listing_locks: dict[str, threading.Lock] = {}
+        # Reading ahead: the last unit read per group, the groups already read ahead, the download pool.
+        self._parallel_downloads = int(self.opts.get("parallel_downloads", DEFAULT_PARALLEL_DOWNLOADS))
+        self._last_unit: LRUCache[str, str] = LRUCache(maxsize=1024)
+        self._read_ahead_groups: LRUCache[str, bool] = LRUCache(maxsize=1024)
+        self._download_slots = threading.BoundedSemaphore(max(1, self._parallel_downloads))
         self._change_listeners: list[Callable[[str], None]] = []
         self.listing_jobs = max(int(self.opts.get("listing_jobs") or DEFAULT_LISTING_JOBS), 1)
         # Transports hold one of these around each listing request: it bounds the requests in flight.
@@ -266,6 +280,14 @@ class AbstractTransport:
     def _open_write(self, path: str, mode: str) -> IO[bytes]:
         """Return a writable file for ``path``; subclasses that can write implement it."""
         raise PermissionError(f"{self.name} transport is read-only")
+
+    def _unit_of(self, path: str, entry: Entry) -> tuple[str, str] | None:
+        """Return (unit folder, group folder) of file ``path``, or None (the default: no reading ahead).
+
+        A unit is what one download brings; a group is a folder whose units a reader walking it wants
+        one after the other. Optional: transports that download per file need not implement it.
+        """
+        return None
 
     def close(self) -> None:
         """Release connections and other resources held by the transport (subclasses call this too)."""
@@ -394,7 +416,59 @@ class AbstractTransport:
         entry = self.stat(path)
         if entry.is_dir:
             raise IsADirectoryError(path)
+        if self._parallel_downloads > 0 and not getattr(_reading_ahead, "active", False):
+            self._note_read(path, entry)
         return self._fetch(path, entry)
+
+    def _note_read(self, path: str, entry: Entry) -> None:
+        """Start reading ahead when a reader moves on to a second unit of one group."""
+        unit = self._unit_of(path, entry)
+        if unit is None:
+            return
+        unit_path, group = unit
+        with self._lock:
+            previous = self._last_unit.get(group)
+            self._last_unit[group] = unit_path
+            start = previous not in (None, unit_path) and group not in self._read_ahead_groups
+            if start:
+                self._read_ahead_groups[group] = True
+        if start:
+            thread = threading.Thread(
+                target=self._read_ahead, args=(group, {previous, unit_path}), name="xnatfs-read-ahead", daemon=True
+            )
+            thread.start()
+
+    def _read_ahead(self, group: str, skip: set[str | None]) -> None:
+        """Download the units of ``group`` not in ``skip``, ``parallel_downloads`` at a time.
+
+        Each download is waited for through the unit's last file, so the bound holds for whole units.
+        Failures are left to the reader who will need that content (it gets the error then).
+        """
+        _reading_ahead.active = True
+        try:
+            last_file: dict[str, str] = {}
+            for root, _dirs, files in self.walk(group):
+                for name in files:
+                    path = f"{root.rstrip('/')}/{name}"
+                    unit = self._unit_of(path, self.stat(path))
+                    if unit is not None and unit[0] not in skip:
+                        last_file[unit[0]] = max(last_file.get(unit[0], path), path)
+        except Exception as error:  # noqa: BLE001 - reading ahead is an optimisation
+            log.debug("reading ahead in %s stopped: %s", group, error)
+            return
+        # Daemon threads (a stopping mount does not wait for them), each holding a download slot.
+        for path in sorted(last_file.values()):
+            self._download_slots.acquire()
+            threading.Thread(target=self._fetch_ahead, args=(path,), name="xnatfs-read-ahead", daemon=True).start()
+
+    def _fetch_ahead(self, path: str) -> None:
+        _reading_ahead.active = True
+        try:
+            self.fetch(path)
+        except Exception as error:  # noqa: BLE001 - the reader who needs it will get the error
+            log.debug("reading ahead %s failed: %s", path, error)
+        finally:
+            self._download_slots.release()
 
     def open_fd(self, path: str) -> int:
         """Return a file descriptor open for reading the complete content of ``path``.

@@ -485,6 +485,14 @@ class XnatTransport(AbstractTransport):
                 self._listings[parent] = dataclasses.replace(cached, entries=entries)
         self.changed(path)
 
+    def _unit_of(self, path: str, entry: Entry) -> tuple[str, str] | None:
+        """A resource's ``files`` folder is one download; an experiment's resources are read together."""
+        parts = path.strip("/").split("/")
+        at = 7 if len(parts) > 8 and parts[3] == "scans" else 5 if len(parts) > 6 and parts[3] == "resources" else 0
+        if not at or parts[at] != "files" or not isinstance(entry.ref, RemoteFile):
+            return None
+        return _join(parts[: at + 1]), _join(parts[:3])
+
     def _download_resource(self, resource: Resource, listing: FileListing, filler: Filler) -> None:
         """Download ``resource`` as one ZIP and extract it into ``filler.staging`` as it arrives.
 

@@ -134,13 +134,10 @@ def test_read_ahead_keeps_at_most_listing_jobs_requests_in_flight(tree, tmp_path
     tree.set_faults(latency=0.1)
     mnt, env = str(tmp_path / "mnt"), credentials_env(tree)
     with mounted(tree.url, mnt, str(tmp_path / "cache1"), env, "--listing-jobs", "2"):
-        started = time.monotonic()
         walk(mnt)
-        elapsed = time.monotonic() - started
     made = listings(tree)
     assert peak_in_flight(made) == 2  # one walk, and the read-ahead runs its listings in parallel
     assert len(made) == 3 + 3 * EXPERIMENTS  # read-ahead adds no request to the walk's
-    assert elapsed < 0.1 * len(made)  # the walk did not wait on each request in turn
     tree.clear_requests()
     with mounted(tree.url, mnt, str(tmp_path / "cache2"), env, "--listing-jobs", "2"):
         # Ten walks at once (one per subject) and the read-ahead: still two requests in flight at most.

@@ -8,7 +8,6 @@ import os
 import struct
 import subprocess
 import tempfile
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -108,11 +107,9 @@ def test_mount_serves_the_first_file_before_a_deflated_zip_has_arrived(server_fa
     with mounted(server.url, mnt, str(cache), credentials_env(server), timeout=30):
         assert sorted(os.listdir(mnt + files)) == sorted(content)
         server.set_faults(throttle=200_000)  # the whole ZIP takes ~10 s
-        start = time.monotonic()
         first = subprocess.run(["cat", f"{mnt}{files}/000.dcm"], capture_output=True, timeout=30).stdout
-        took = time.monotonic() - start
         assert first == content["000.dcm"]
-        assert took < 5, f"the first file took {took:.1f} s: the ZIP was not streamed"
+        # The first file was served while the ZIP was still arriving: it was not spooled whole first.
         assert list(cache.rglob("*.staging")), "the download should still be running"
         server.clear_faults()
         last = subprocess.run(["cat", f"{mnt}{files}/019.dcm"], capture_output=True, timeout=30).stdout
@@ -236,13 +233,15 @@ def test_cp_r_of_an_experiment_downloads_its_resources_concurrently(server_facto
     server = server_factory(data=tmp_path / "data")
     mnt, copy = str(tmp_path / "mnt"), tmp_path / "copy"
     with mounted(server.url, mnt, str(tmp_path / "cache"), credentials_env(server), timeout=30):
-        server.set_faults(throttle=100_000)  # each resource's ZIP (~100 kB) takes ~1 s: 10 s one after another
-        start = time.monotonic()
+        server.set_faults(throttle=100_000)  # each resource's ZIP (~100 kB) takes ~1 s
         subprocess.run(["cp", "-r", f"{mnt}/P1/S1/E1", str(copy)], check=True, timeout=60)
-        took = time.monotonic() - start
         server.clear_faults()
     copied = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     assert copied == content
     zips_sent = [r for r in server.requests() if "format=zip" in (r.get("query") or "")]
     assert len(zips_sent) == 10  # each resource once, whoever asked first
-    assert took < 8, f"cp -r took {took:.1f} s: the resources were downloaded one after another"
+    # The server's log says when each ZIP was being sent: some must have been sent at the same time,
+    # never more than the reader's own plus parallel_downloads (4) reading ahead.
+    spans = [(r["started"], r["finished"]) for r in zips_sent]
+    in_flight = max(sum(1 for s, f in spans if s <= start < f) for start, _ in spans)
+    assert 2 <= in_flight <= 5, f"{in_flight} ZIPs in flight at most: resources were not downloaded concurrently"

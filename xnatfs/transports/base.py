@@ -434,11 +434,14 @@ class AbstractTransport:
                 self._read_ahead_groups[group] = True
         if start:
             thread = threading.Thread(
-                target=self._read_ahead, args=(group, {previous, unit_path}), name="xnatfs-read-ahead", daemon=True
+                target=self._download_group,
+                args=(group, {previous, unit_path}),
+                name="xnatfs-download-ahead",
+                daemon=True,
             )
             thread.start()
 
-    def _read_ahead(self, group: str, skip: set[str | None]) -> None:
+    def _download_group(self, group: str, skip: set[str | None]) -> None:
         """Download the units of ``group`` not in ``skip``, ``parallel_downloads`` at a time.
 
         Each download is waited for through the unit's last file, so the bound holds for whole units.
@@ -459,7 +462,7 @@ class AbstractTransport:
         # Daemon threads (a stopping mount does not wait for them), each holding a download slot.
         for path in sorted(last_file.values()):
             self._download_slots.acquire()
-            threading.Thread(target=self._fetch_ahead, args=(path,), name="xnatfs-read-ahead", daemon=True).start()
+            threading.Thread(target=self._fetch_ahead, args=(path,), name="xnatfs-download-ahead", daemon=True).start()
 
     def _fetch_ahead(self, path: str) -> None:
         _reading_ahead.active = True

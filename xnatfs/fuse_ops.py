@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from xnatfs import xattrs
+from xnatfs import readbuf, xattrs
 from xnatfs.exceptions import XnatfsError
 from xnatfs.fuse import mfusepy
 from xnatfs.invalidate import KernelInvalidator
@@ -107,6 +107,10 @@ class Operations(mfusepy.Operations):
         self._ino_salt = str(transport.opts.get("url", transport.name)).encode()
 
     def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None and conn.capable & readbuf.FUSE_CAP_SPLICE_WRITE:
+            # Reads are answered with a descriptor (read_buf): libfuse then splices the cache file's
+            # pages to the kernel instead of copying them through a buffer.
+            conn.want |= readbuf.FUSE_CAP_SPLICE_WRITE
         if config is not None:
             config.use_ino = 1
             config.entry_timeout = self.ttl
@@ -214,6 +218,22 @@ class Operations(mfusepy.Operations):
         finally:
             self._reading.path = None
         return os.pread(file.fileno(), size, offset)
+
+    @_errors
+    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        # libfuse reads from the descriptor after this returns (see xnatfs.readbuf): this thread keeps
+        # the file referenced until its next read, so it is not closed (and its number reused) meanwhile.
+        if not self.no_open:
+            readbuf.answer_from_fd(bufpp, fi.fh, size, offset)
+            return 0
+        self._reading.path = path
+        try:
+            file = self._open_file(path)
+        finally:
+            self._reading.path = None
+        self._reading.file = file
+        readbuf.answer_from_fd(bufpp, file.fileno(), size, offset)
+        return 0
 
     def release(self, path: str, fi: Any) -> int:
         if not self.no_open:

@@ -328,7 +328,7 @@ def profile_daemon(target: Target, work: str, out_dir: str) -> None:
                     stack, _, count = line.rstrip("\n").rpartition(" ")
                     merged.write(line)
                     frames = [_frame(f) for f in stack.split(";")[1:]]  # the first frame names the thread
-                    if not frames or all(f.startswith(("idle", "wait", "select")) for f in frames[-1:]):
+                    if not frames or frames[-1].startswith(_WAITING):
                         continue
                     own[frames[-1]] = own.get(frames[-1], 0) + int(count)
                     for frame in set(frames):
@@ -341,6 +341,12 @@ def profile_daemon(target: Target, work: str, out_dir: str) -> None:
     print("  top by total samples (a frame on the stack):")
     for name, count in sorted(total.items(), key=lambda item: -item[1])[:25]:
         print(f"    {100 * count / busy:5.1f} %  {name}")
+
+
+# Leaf frames of threads that wait in C (py-spy cannot tell them from busy ones): libfuse's loop in the main
+# thread, queue and selector waits of the daemon's helper threads.
+_WAITING = ("idle", "wait", "select", "FUSE.__init__", "KernelInvalidator._work", "AbstractTransport._work",
+            "_PollLikeSelector.select", "Condition.wait", "Event.wait")  # fmt: skip
 
 
 def _frame(frame: str) -> str:

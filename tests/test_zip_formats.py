@@ -240,8 +240,9 @@ def test_cp_r_of_an_experiment_downloads_its_resources_concurrently(server_facto
     assert copied == content
     zips_sent = [r for r in server.requests() if "format=zip" in (r.get("query") or "")]
     assert len(zips_sent) == 10  # each resource once, whoever asked first
-    # The server's log says when each ZIP was being sent: some must have been sent at the same time,
-    # never more than the reader's own plus parallel_downloads (4) reading ahead.
+    # The server's log says when each ZIP was being sent: some must have been sent at the same time, and
+    # not all ten at once (the reader's own plus parallel_downloads (4) reading ahead; the server may still
+    # be sending a ZIP's last bytes when the client has what it needs and starts the next).
     spans = [(r["started"], r["finished"]) for r in zips_sent]
     in_flight = max(sum(1 for s, f in spans if s <= start < f) for start, _ in spans)
-    assert 2 <= in_flight <= 5, f"{in_flight} ZIPs in flight at most: resources were not downloaded concurrently"
+    assert 2 <= in_flight <= 7, f"{in_flight} ZIPs in flight at most: resources were not downloaded concurrently"

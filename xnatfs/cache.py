@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from xnatfs import privacy
 from xnatfs.exceptions import XnatfsError
-from xnatfs.stats import CacheStats
+from xnatfs.stats import CacheStats, tree_size
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Filler:
 
     def publish(self, member: str) -> None:
         """Announce that ``member`` (a relative path, already complete in ``staging``) is ready."""
-        self.entry._member_ready(member)
+        self.entry._wake_waiters()
         self.progress()
 
     def progress(self) -> None:
@@ -181,7 +181,7 @@ class CacheEntry:
             shutil.rmtree(self.staging, ignore_errors=True)
             os.makedirs(self.staging, mode=self.cache.dir_mode)
             fill(Filler(self, self.staging))
-            size = _tree_size(self.staging)
+            size = tree_size(self.staging)
             os.rename(self.staging, self.path)
             self.cache._write_meta(self, size)
             log.info("cached %s (%d bytes)", "/".join(self.key), size)
@@ -198,7 +198,7 @@ class CacheEntry:
         if state.error is None:
             self.cache.after_fill(self)
 
-    def _member_ready(self, member: str) -> None:
+    def _wake_waiters(self) -> None:
         with self._cond:
             self._cond.notify_all()
 
@@ -258,7 +258,7 @@ class CacheEntry:
                 return candidate
         return None
 
-    def wait_published(self, timeout: float = 30.0) -> None:
+    def wait_complete(self, timeout: float = 30.0) -> None:
         """Block until the whole entry is published (a reader may have its member long before).
 
         Raises the fill's exception if the fill running in this process failed, TimeoutError if a
@@ -451,15 +451,6 @@ def _locked_elsewhere(lock_path: str) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def _tree_size(path: str) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
 
 
 def _digest(text: str) -> str:

@@ -138,15 +138,15 @@ def _check(entry: EntryInfo, sessions: dict[str, Any], timeout: float) -> str | 
     when it cannot be checked). Raises XnatfsError when the server cannot be asked."""
     if entry.key[0] != "xnat" or len(entry.key) != 6:
         return "unchecked: no digests for this kind of entry"
+    from xnatfs.client import XnatClient
     from xnatfs.credentials import resolve_credentials
-    from xnatfs.session import XnatSession
     from xnatfs.transports.xnat import Resource, file_listing
 
     _, server, project, experiment, scan, label = entry.key
     session = sessions.get(server)
     if session is None:
         user, password = resolve_credentials(server)
-        session = sessions[server] = XnatSession(server, user, password, timeout=timeout)
+        session = sessions[server] = XnatClient(server, user, password, timeout=timeout)
     resource = Resource(project, experiment, scan or None, label)
     listing = file_listing(resource, session.get_rows(resource.api_path + "/files"))
     if listing.version != entry.version:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (XnatfsError, UnknownSchemeError, OSError, ValueError, TimeoutError) as error:
-        _report(args, error)
+        print(f"xnatfs: error: {_one_line(error)}", file=sys.stderr)
         return 1
 
 
@@ -396,10 +396,6 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename:
         text = f"{error.filename}: {error.strerror}"
     return text.splitlines()[0]
-
-
-def _report(args: argparse.Namespace, error: BaseException) -> None:
-    print(f"xnatfs: error: {_one_line(error)}", file=sys.stderr)
 
 
 # -- operating a mount: prefetch, status, cache, control channel ------------------------------

@@ -13,12 +13,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from urllib.parse import quote, urlsplit
 
+from xnatfs.client import XnatClient, quote_part
 from xnatfs.exceptions import NotFoundError, ServerError, UnsafeArchiveError
 from xnatfs.extract import ExtractLimits, extract_stream, extract_zip
-from xnatfs.progress import Progress
-from xnatfs.session import XnatSession, quote_part
+from xnatfs.progress import byte_bar
 from xnatfs.transports.xnat import resource_names
 
 XNAT_URL: str = os.environ.get("XNAT_URL", "").rstrip("/")
@@ -67,7 +68,7 @@ def download_file(url: str, destination_path: str, headers: dict[str, str] | Non
     AccessDeniedError (403), AuthenticationError (401), ServerError, ConnectionFailedError; a
     failed download leaves no file at ``destination_path``.
     """
-    return _download(url, destination_path, headers, DEFAULT_TIMEOUT, None)
+    return _download(url, destination_path, headers, DEFAULT_TIMEOUT)
 
 
 def unzip_file(zip_path: str, extract_dir: str, new_name: str) -> str:
@@ -139,7 +140,7 @@ def _download_and_unzip(
     resource_type: str,
     headers: dict[str, str] | None,
 ) -> str:
-    session = XnatSession(XNAT_URL, headers=headers, timeout=DEFAULT_TIMEOUT)
+    session = XnatClient(XNAT_URL, headers=headers, timeout=DEFAULT_TIMEOUT)
     try:
         projects = session.get_rows("/data/projects", "ID,secondary_ID")
         project = next((p["ID"] for p in projects if p.get("secondary_ID") == hub_project), None)
@@ -175,7 +176,7 @@ def download_experiment(
     Extracts while downloading, into ``dest/{experiment label}`` (XNAT's layout below it), and
     returns that folder. Raises NotFoundError, AuthenticationError, ConnectionFailedError, ...
     """
-    session = XnatSession(source, user, password, timeout=timeout)
+    session = XnatClient(source, user, password, timeout=timeout)
     try:
         found = _find_experiment(session, project, experiment)
         label = found.get("label") or experiment
@@ -184,7 +185,7 @@ def download_experiment(
         staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=dest)
         try:
             content = os.path.join(staging, "content")
-            bar = lambda total: Progress(label, total, enabled=progress)  # noqa: E731
+            bar = lambda total: byte_bar(label, total, enabled=progress)  # noqa: E731
             _fetch_resources(session, found["ID"], "scan", resource, content, bar)
             _publish(content, target)
         finally:
@@ -197,11 +198,11 @@ def download_experiment(
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _download(url: str, destination: str, headers: dict[str, str] | None, timeout: float, bar: Progress | None) -> str:
+def _download(url: str, destination: str, headers: dict[str, str] | None, timeout: float) -> str:
     parts = urlsplit(url)
     base = f"{parts.scheme}://{parts.netloc}"
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    session = XnatSession(base, headers=headers, timeout=timeout)
+    session = XnatClient(base, headers=headers, timeout=timeout)
     folder = os.path.dirname(os.path.abspath(destination))
     os.makedirs(folder, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=".xnatfs-partial-", dir=folder)
@@ -211,8 +212,6 @@ def _download(url: str, destination: str, headers: dict[str, str] | None, timeou
             for chunk in chunks:
                 out.write(chunk)
                 received += len(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
         if received == 0:
             raise NotFoundError(f"{parts.path}: no data at this URL")
         os.replace(partial, destination)
@@ -225,7 +224,7 @@ def _download(url: str, destination: str, headers: dict[str, str] | None, timeou
         session.close()
 
 
-def _find_experiment(session: XnatSession, project: str, experiment: str) -> dict[str, str]:
+def _find_experiment(session: XnatClient, project: str, experiment: str) -> dict[str, str]:
     """Return ``{"ID", "label", "subject_ID"}`` of the experiment labelled (or with ID) ``experiment``."""
     rows = session.get_rows(f"/data/projects/{quote_part(project)}/experiments", "ID,label,subject_ID")
     row = next((r for r in rows if r.get("label") == experiment), None) or next(
@@ -241,12 +240,12 @@ def _find_experiment(session: XnatSession, project: str, experiment: str) -> dic
 
 
 def _fetch_resources(
-    session: XnatSession,
+    session: XnatClient,
     experiment_id: str,
     kind: str,
     label: str,
     content: str,
-    progress: Callable[[int | None], Progress] | None,
+    progress: Callable[[int | None], Any] | None,
 ) -> None:
     """Download an experiment's ``kind`` resources labelled ``label`` (or ``ALL``) into the new folder
     ``content``, in XNAT's ZIP layout, extracting while downloading.
@@ -282,11 +281,11 @@ def _fetch_resources(
     for index, (path, name) in enumerate(zips):
         part = os.path.join(os.path.dirname(content), f"part-{index}")
         with session.stream(path, format="zip", compression="0") as chunks:
-            extract_stream(_counted(chunks, bar) if bar else chunks, part, ExtractLimits())
+            extract_stream(_counted(chunks, bar) if bar is not None else chunks, part, ExtractLimits())
         if name is not None:
             _rename_resource(part, name)
         _merge(part, content)
-    if bar:
+    if bar is not None:
         bar.close()
 
 
@@ -325,7 +324,7 @@ def _number(text: object) -> int:
         return 0
 
 
-def _counted(chunks: Iterable[bytes], bar: Progress) -> Iterator[bytes]:
+def _counted(chunks: Iterable[bytes], bar: Any) -> Iterator[bytes]:
     for chunk in chunks:
         bar.update(len(chunk))
         yield chunk

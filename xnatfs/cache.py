@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from xnatfs import privacy
 from xnatfs.exceptions import XnatfsError
+from xnatfs.options import TIMEOUT
 from xnatfs.stats import CacheStats, tree_size
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class CacheEntry:
         """Return True if the entry has been published."""
         return os.path.isdir(self.path)
 
-    def get(self, member: str, fill: FillFunction, timeout: float = 30.0) -> str:
+    def get(self, member: str, fill: FillFunction, timeout: float = TIMEOUT) -> str:
         """Return the local path of ``member``, filling the entry first if needed.
 
         ``member`` is a relative path inside the entry. Blocks until that member is complete,
@@ -258,7 +259,7 @@ class CacheEntry:
                 return candidate
         return None
 
-    def wait_complete(self, timeout: float = 30.0) -> None:
+    def wait_complete(self, timeout: float = TIMEOUT) -> None:
         """Block until the whole entry is published (a reader may have its member long before).
 
         Raises the fill's exception if the fill running in this process failed, TimeoutError if a

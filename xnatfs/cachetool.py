@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from xnatfs.cache import Cache, EntryInfo, default_cache_dir
 from xnatfs.exceptions import XnatfsError
+from xnatfs.options import TIMEOUT
 from xnatfs.progress import human_bytes
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -99,7 +100,7 @@ def clean(cache: Cache, out: TextIO, older_than: float | None = None, to_size: i
     return 0
 
 
-def verify(cache: Cache, out: TextIO, timeout: float = 30.0) -> int:
+def verify(cache: Cache, out: TextIO, timeout: float = TIMEOUT) -> int:
     """Re-check every XNAT entry against the digests and sizes of the server's files listing;
     remove the bad ones. Returns 0 if every entry checked out, 1 if some were bad (and removed)
     or could not be checked (server unreachable, no digests)."""

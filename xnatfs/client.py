@@ -38,10 +38,11 @@ from xnatfs.exceptions import (
     NotFoundError,
     ServerError,
 )
+from xnatfs.options import TIMEOUT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = TIMEOUT
 CHUNK_SIZE = 1 << 20  # at most this many body bytes per piece: one socket read into a fresh buffer
 AUTH_RETRY_SECONDS = 15.0  # first wait after refused credentials; doubles per refusal
 AUTH_RETRY_MAX_SECONDS = 600.0

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit
 from xnatfs.client import XnatClient, quote_part
 from xnatfs.exceptions import NotFoundError, ServerError, UnsafeArchiveError
 from xnatfs.extract import ExtractLimits, extract_stream, extract_zip
+from xnatfs.options import TIMEOUT
 from xnatfs.progress import byte_bar
 from xnatfs.transports.xnat import resource_names
 
@@ -26,7 +27,7 @@ XNAT_URL: str = os.environ.get("XNAT_URL", "").rstrip("/")
 BASE_IMAGES_DOWNLOAD_DIR: str = os.environ.get("BASE_IMAGES_DOWNLOAD_DIR", "")
 
 ASSESSOR_TYPES = ("scan", "assessor")
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = TIMEOUT
 
 
 def format_download_url(

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from xnatfs.cache import IncompleteEntry
 from xnatfs.control import Connection, ControlError, Send, control_socket, find_mount
+from xnatfs.options import PREFETCH_JOBS, TIMEOUT
 from xnatfs.progress import byte_bar, human_bytes
 from xnatfs.stats import tree_size
 from xnatfs.transports.base import AbstractTransport, normpath
@@ -35,7 +36,7 @@ FETCH_IDLE_TIMEOUT = 120.0  # the daemon sends progress every PROGRESS_SECONDS w
 class Prefetcher:
     """The daemon's side: ``plan`` and ``fetch`` operations of the control socket."""
 
-    def __init__(self, transport: AbstractTransport, timeout: float = 30.0) -> None:
+    def __init__(self, transport: AbstractTransport, timeout: float = TIMEOUT) -> None:
         self.transport = transport
         self.timeout = timeout
         self._slots = threading.BoundedSemaphore(MAX_PARALLEL)
@@ -222,7 +223,7 @@ def _bar(total: int | None, count: int, err: TextIO) -> Any:
     return byte_bar(f"resources 0/{count}", total, err, miniters=1, mininterval=0.2)
 
 
-def run(paths: list[str], jobs: int = 4, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def run(paths: list[str], jobs: int = PREFETCH_JOBS, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Prefetch everything below ``paths`` (inside live xnatfs mounts); return the exit status.
 
     0 when everything below them is cached at the end, 1 when something failed (listed on

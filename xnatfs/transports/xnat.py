@@ -143,6 +143,8 @@ class XnatTransport(AbstractTransport):
     version = __version__
     url = "https://xnat.org"
     schemes = ["http", "https", "xnat"]
+    options = ()  # command-line options of its own (xnatfs.options.Option)
+    needs_credentials = True  # the CLI resolves --user, XNAT_USER/XNAT_PASS or ~/.netrc for it
 
     def __init__(
         self,

@@ -88,7 +88,7 @@ def unzip_file(zip_path: str, extract_dir: str, new_name: str) -> str:
     try:
         content = os.path.join(staging, "content")
         extract_zip(zip_path, content, ExtractLimits())
-        _publish(content, target)
+        _move_into_place(content, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     os.remove(zip_path)
@@ -153,7 +153,7 @@ def _download_and_unzip(
         try:
             content = os.path.join(staging, "content")
             _fetch_resources(session, experiment["ID"], _assessor_type(assessor_type), resource_type, content, None)
-            _publish(content, target)
+            _move_into_place(content, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -188,7 +188,7 @@ def download_experiment(
             content = os.path.join(staging, "content")
             bar = lambda total: byte_bar(label, total, enabled=progress)  # noqa: E731
             _fetch_resources(session, found["ID"], "scan", resource, content, bar)
-            _publish(content, target)
+            _move_into_place(content, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -350,7 +350,7 @@ def _inside(base: str, name: str) -> str:
     return target
 
 
-def _publish(content: str, target: str) -> None:
+def _move_into_place(content: str, target: str) -> None:
     """Move extracted ``content`` to ``target``: its single top folder, else the whole of it."""
     entries = os.listdir(content)
     source = content

@@ -20,20 +20,12 @@ from urllib.parse import unquote, unquote_plus
 
 from .. import __version__
 from . import views
-from .archive import (
-    READ_CHUNK,
-    AlreadyExists,
-    Archive,
-    Experiment,
-    InvalidName,
-    ResourceOwner,
-    Scan,
-    copy_exactly,
-)
+from .archive import READ_CHUNK, AlreadyExists, Archive, InvalidName, copy_exactly
 from .auth import GUEST, Auth, Authentication
 from .faults import FaultInjection, TestHooks
 from .http import HttpError, HttpHandler
 from .importer import ImportFailed, import_dicom_zip
+from .model import Experiment, ResourceOwner, Scan
 from .zipstream import ZipMember, stream_zip
 
 XNAT_VERSION = "1.8.10"

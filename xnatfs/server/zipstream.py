@@ -20,7 +20,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from .archive import READ_CHUNK, FileEntry
+from .archive import READ_CHUNK
+from .model import FileEntry
 
 LOCAL_HEADER = 0x04034B50
 CENTRAL_HEADER = 0x02014B50

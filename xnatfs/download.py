@@ -148,15 +148,8 @@ def _download_and_unzip(
         if project is None:
             raise NotFoundError(f"no project with secondary ID {hub_project!r}")
         experiment = _find_experiment(session, project, accession_id)
-        os.makedirs(user_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=user_dir)
-        try:
-            content = os.path.join(staging, "content")
-            _fetch_resources(session, experiment["ID"], _assessor_type(assessor_type), resource_type, content, None)
-            _move_into_place(content, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        kind = _assessor_type(assessor_type)
+        return _fetch_into(session, experiment["ID"], kind, resource_type, user_dir, target, None)
     finally:
         session.close()
 
@@ -181,22 +174,35 @@ def download_experiment(
     try:
         found = _find_experiment(session, project, experiment)
         label = found.get("label") or experiment
-        target = _inside(dest, label)
-        os.makedirs(dest, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=dest)
-        try:
-            content = os.path.join(staging, "content")
-            bar = lambda total: byte_bar(label, total, enabled=progress)  # noqa: E731
-            _fetch_resources(session, found["ID"], "scan", resource, content, bar)
-            _move_into_place(content, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        bar = lambda total: byte_bar(label, total, enabled=progress)  # noqa: E731
+        return _fetch_into(session, found["ID"], "scan", resource, dest, _inside(dest, label), bar)
     finally:
         session.close()
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _fetch_into(
+    session: XnatClient,
+    experiment_id: str,
+    kind: str,
+    label: str,
+    parent: str,
+    target: str,
+    progress: Callable[[int | None], Any] | None,
+) -> str:
+    """Fetch the resources (see :func:`_fetch_resources`) into a staging folder in ``parent``, then move
+    them to ``target`` (a folder in ``parent``) as a whole; return ``target``."""
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=parent)
+    try:
+        content = os.path.join(staging, "content")
+        _fetch_resources(session, experiment_id, kind, label, content, progress)
+        _move_into_place(content, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _download(url: str, destination: str, headers: dict[str, str] | None, timeout: float) -> str:

@@ -20,9 +20,28 @@ from xnatfs.cache import Cache, default_cache_dir
 from xnatfs.cli.common import default_log_file, one_line, parse_size, private_cache_and_log, setup_logging
 from xnatfs.credentials import resolve_credentials
 from xnatfs.exceptions import XnatfsError
+from xnatfs.options import Option
 from xnatfs.transports import UnknownSchemeError, get_transport, transport_class, transport_classes
 
 log = logging.getLogger("xnatfs")
+
+# The options of every source, and of the mount command, that take a value.
+SOURCE_OPTIONS = (
+    Option(
+        "--cache-size",
+        "cap on the cache, e.g. 50G (least recently used data is removed)",
+        type=parse_size,
+        metavar="SIZE",
+    ),
+    Option(
+        "--timeout", f"bound on every network wait, in seconds (default {options.TIMEOUT:g})", options.TIMEOUT, float
+    ),
+)
+MOUNT_OPTIONS = (
+    Option("--ttl", f"seconds listings and attributes are trusted (default {options.TTL:g})", options.TTL, float),
+    Option("--listing-jobs", "listing requests in flight at most; listings are fetched ahead in parallel "
+           f"(default {options.LISTING_JOBS})", options.LISTING_JOBS, int, "N"),
+)  # fmt: skip
 
 
 def add_parsers(commands: Any, argv: list[str]) -> None:
@@ -51,24 +70,12 @@ def add_parsers(commands: Any, argv: list[str]) -> None:
     )
     mount.add_argument("--log-file", help="log file (default: CACHE_DIR/xnatfs.log when in the background)")
     mount.add_argument(
-        "--ttl",
-        type=float,
-        default=options.TTL,
-        help=f"seconds listings and attributes are trusted (default {options.TTL:g})",
-    )
-    mount.add_argument(
         "--offline",
         action="store_true",
         help="never contact the server: serve the listings and files already in the cache",
     )
-    mount.add_argument(
-        "--listing-jobs",
-        type=int,
-        default=options.LISTING_JOBS,
-        metavar="N",
-        help=f"listing requests in flight at most; listings are fetched ahead in parallel "
-        f"(default {options.LISTING_JOBS})",
-    )
+    for option in MOUNT_OPTIONS:
+        option.add_to(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument(
         "--no-xattrs",
@@ -87,19 +94,8 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     """Add the options of every source: user, cache, timeout, verbosity."""
     parser.add_argument("--user", help="user name (or alias token); the password comes from XNAT_PASS or a prompt")
     parser.add_argument("--cache-dir", default=None, help=f"cache folder (default {default_cache_dir()})")
-    parser.add_argument(
-        "--cache-size",
-        type=parse_size,
-        default=None,
-        metavar="SIZE",
-        help="cap on the cache, e.g. 50G (least recently used data is removed)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=options.TIMEOUT,
-        help=f"bound on every network wait, in seconds (default {options.TIMEOUT:g})",
-    )
+    for option in SOURCE_OPTIONS:
+        option.add_to(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (debug)")
 
 

@@ -15,13 +15,13 @@ from mounting import xnatfs
 
 from xnatfs import download
 from xnatfs.cache import Cache
+from xnatfs.client import XnatClient
 from xnatfs.exceptions import (
     AuthenticationError,
     ConnectionFailedError,
     NotFoundError,
     ServerError,
 )
-from xnatfs.session import XnatSession
 from xnatfs.transports.xnat import XnatTransport
 
 
@@ -195,7 +195,7 @@ def test_unzip_file_renames_top_folder_and_refuses_escapes(server, hub, tmp_path
 
 
 def test_session_relogs_in_after_expiry_and_retries_5xx(server):
-    session = XnatSession(server.url, server.user, server.password, timeout=10)
+    session = XnatClient(server.url, server.user, server.password, timeout=10)
     assert session.get_rows("/data/projects")
     server.expire_sessions()
     server.clear_requests()
@@ -209,7 +209,7 @@ def test_session_relogs_in_after_expiry_and_retries_5xx(server):
         session.get_rows("/data/projects")
     server.clear_faults()
     with pytest.raises(AuthenticationError):
-        XnatSession(server.url, server.user, "wrong", timeout=5).login()
+        XnatClient(server.url, server.user, "wrong", timeout=5).login()
     session.close()
 
 

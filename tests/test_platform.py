@@ -6,11 +6,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import requests
 from mounting import daemon_pids, mounted, xnatfs
+from mounting import is_mounted as mounted_here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,3 +163,44 @@ def test_setup_installs_libfuse2_and_stops_no_process_it_did_not_start() -> None
             assert not re.search(r"\b(pkill|killall)\b", text), f"{script} stops processes by name"
     # The only service stopped is the one the Orthanc package started: by its unit, or its own pid file.
     assert "systemctl disable --now orthanc.service" in setup
+
+
+# An mfusepy whose private _wrapper takes other arguments: xnatfs must not override it.
+CHANGED_MFUSEPY = """
+import sys, mfusepy
+original = mfusepy.FUSE._wrapper
+mfusepy.FUSE._wrapper = lambda self, func, *args: original(self, func, *args)
+from xnatfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_mount_works_when_mfusepy_changed_its_private_wrapper(folder: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    argv = [sys.executable, "-c", CHANGED_MFUSEPY, "mount", f"file://{folder}", str(mnt), "-f"]
+    daemon = subprocess.Popen([*argv, "--cache-dir", str(tmp_path / "cache")], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not mounted_here(str(mnt)) and daemon.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (mnt / "series" / "a.dcm").read_bytes() == b"A" * 5000
+        assert sorted(os.listdir(mnt / "series")) == ["a.dcm"]
+    finally:
+        xnatfs("umount", str(mnt), timeout=30)
+        _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, stderr
+    assert "FUSE threads are not pinned" in stderr
+
+
+def test_threads_are_pinned_with_the_mfusepy_we_know() -> None:
+    from xnatfs.fuse import mfusepy
+    from xnatfs.mount import fuse_class
+
+    pinned = fuse_class(mfusepy.FUSE)
+    assert pinned is not mfusepy.FUSE and issubclass(pinned, mfusepy.FUSE)
+
+    class NoWrapper:
+        pass
+
+    assert fuse_class(NoWrapper) is NoWrapper

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from xnatfs.cache import Cache, EntryInfo, default_cache_dir
 from xnatfs.exceptions import XnatfsError
+from xnatfs.options import TIMEOUT
 from xnatfs.progress import human_bytes
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -99,7 +100,7 @@ def clean(cache: Cache, out: TextIO, older_than: float | None = None, to_size: i
     return 0
 
 
-def verify(cache: Cache, out: TextIO, timeout: float = 30.0) -> int:
+def verify(cache: Cache, out: TextIO, timeout: float = TIMEOUT) -> int:
     """Re-check every XNAT entry against the digests and sizes of the server's files listing;
     remove the bad ones. Returns 0 if every entry checked out, 1 if some were bad (and removed)
     or could not be checked (server unreachable, no digests)."""
@@ -138,15 +139,15 @@ def _check(entry: EntryInfo, sessions: dict[str, Any], timeout: float) -> str | 
     when it cannot be checked). Raises XnatfsError when the server cannot be asked."""
     if entry.key[0] != "xnat" or len(entry.key) != 6:
         return "unchecked: no digests for this kind of entry"
+    from xnatfs.client import XnatClient
     from xnatfs.credentials import resolve_credentials
-    from xnatfs.session import XnatSession
     from xnatfs.transports.xnat import Resource, file_listing
 
     _, server, project, experiment, scan, label = entry.key
     session = sessions.get(server)
     if session is None:
         user, password = resolve_credentials(server)
-        session = sessions[server] = XnatSession(server, user, password, timeout=timeout)
+        session = sessions[server] = XnatClient(server, user, password, timeout=timeout)
     resource = Resource(project, experiment, scan or None, label)
     listing = file_listing(resource, session.get_rows(resource.api_path + "/files"))
     if listing.version != entry.version:

@@ -12,19 +12,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from urllib.parse import quote, urlsplit
 
+from xnatfs.client import XnatClient, quote_part
 from xnatfs.exceptions import NotFoundError, ServerError, UnsafeArchiveError
 from xnatfs.extract import ExtractLimits, extract_stream, extract_zip
-from xnatfs.progress import Progress
-from xnatfs.session import XnatSession, quote_part
+from xnatfs.options import TIMEOUT
+from xnatfs.progress import byte_bar
 from xnatfs.transports.xnat import resource_names
 
 XNAT_URL: str = os.environ.get("XNAT_URL", "").rstrip("/")
 BASE_IMAGES_DOWNLOAD_DIR: str = os.environ.get("BASE_IMAGES_DOWNLOAD_DIR", "")
 
 ASSESSOR_TYPES = ("scan", "assessor")
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = TIMEOUT
 
 
 def format_download_url(
@@ -66,7 +68,7 @@ def download_file(url: str, destination_path: str, headers: dict[str, str] | Non
     AccessDeniedError (403), AuthenticationError (401), ServerError, ConnectionFailedError; a
     failed download leaves no file at ``destination_path``.
     """
-    return _download(url, destination_path, headers, DEFAULT_TIMEOUT, None)
+    return _download(url, destination_path, headers, DEFAULT_TIMEOUT)
 
 
 def unzip_file(zip_path: str, extract_dir: str, new_name: str) -> str:
@@ -85,7 +87,7 @@ def unzip_file(zip_path: str, extract_dir: str, new_name: str) -> str:
     try:
         content = os.path.join(staging, "content")
         extract_zip(zip_path, content, ExtractLimits())
-        _publish(content, target)
+        _move_into_place(content, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     os.remove(zip_path)
@@ -140,22 +142,15 @@ def _download_and_unzip(
     resource_type: str,
     headers: dict[str, str] | None,
 ) -> str:
-    session = XnatSession(XNAT_URL, headers=headers, timeout=DEFAULT_TIMEOUT)
+    session = XnatClient(XNAT_URL, headers=headers, timeout=DEFAULT_TIMEOUT)
     try:
         projects = session.get_rows("/data/projects", "ID,secondary_ID")
         project = next((p["ID"] for p in projects if p.get("secondary_ID") == hub_project), None)
         if project is None:
             raise NotFoundError(f"no project with secondary ID {hub_project!r}")
         experiment = _find_experiment(session, project, accession_id)
-        os.makedirs(user_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=user_dir)
-        try:
-            content = os.path.join(staging, "content")
-            _fetch_resources(session, experiment["ID"], _assessor_type(assessor_type), resource_type, content, None)
-            _publish(content, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        kind = _assessor_type(assessor_type)
+        return _fetch_into(session, experiment["ID"], kind, resource_type, user_dir, target, None)
     finally:
         session.close()
 
@@ -176,21 +171,12 @@ def download_experiment(
     Extracts while downloading, into ``dest/{experiment label}`` (XNAT's layout below it), and
     returns that folder. Raises NotFoundError, AuthenticationError, ConnectionFailedError, ...
     """
-    session = XnatSession(source, user, password, timeout=timeout)
+    session = XnatClient(source, user, password, timeout=timeout)
     try:
         found = _find_experiment(session, project, experiment)
         label = found.get("label") or experiment
-        target = _inside(dest, label)
-        os.makedirs(dest, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=dest)
-        try:
-            content = os.path.join(staging, "content")
-            bar = lambda total: Progress(label, total, enabled=progress)  # noqa: E731
-            _fetch_resources(session, found["ID"], "scan", resource, content, bar)
-            _publish(content, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        bar = lambda total: byte_bar(label, total, enabled=progress)  # noqa: E731
+        return _fetch_into(session, found["ID"], "scan", resource, dest, _inside(dest, label), bar)
     finally:
         session.close()
 
@@ -198,11 +184,33 @@ def download_experiment(
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _download(url: str, destination: str, headers: dict[str, str] | None, timeout: float, bar: Progress | None) -> str:
+def _fetch_into(
+    session: XnatClient,
+    experiment_id: str,
+    kind: str,
+    label: str,
+    parent: str,
+    target: str,
+    progress: Callable[[int | None], Any] | None,
+) -> str:
+    """Fetch the resources (see :func:`_fetch_resources`) into a staging folder in ``parent``, then move
+    them to ``target`` (a folder in ``parent``) as a whole; return ``target``."""
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".xnatfs-download-", dir=parent)
+    try:
+        content = os.path.join(staging, "content")
+        _fetch_resources(session, experiment_id, kind, label, content, progress)
+        _move_into_place(content, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _download(url: str, destination: str, headers: dict[str, str] | None, timeout: float) -> str:
     parts = urlsplit(url)
     base = f"{parts.scheme}://{parts.netloc}"
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    session = XnatSession(base, headers=headers, timeout=timeout)
+    session = XnatClient(base, headers=headers, timeout=timeout)
     folder = os.path.dirname(os.path.abspath(destination))
     os.makedirs(folder, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=".xnatfs-partial-", dir=folder)
@@ -212,8 +220,6 @@ def _download(url: str, destination: str, headers: dict[str, str] | None, timeou
             for chunk in chunks:
                 out.write(chunk)
                 received += len(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
         if received == 0:
             raise NotFoundError(f"{parts.path}: no data at this URL")
         os.replace(partial, destination)
@@ -226,7 +232,7 @@ def _download(url: str, destination: str, headers: dict[str, str] | None, timeou
         session.close()
 
 
-def _find_experiment(session: XnatSession, project: str, experiment: str) -> dict[str, str]:
+def _find_experiment(session: XnatClient, project: str, experiment: str) -> dict[str, str]:
     """Return ``{"ID", "label", "subject_ID"}`` of the experiment labelled (or with ID) ``experiment``."""
     rows = session.get_rows(f"/data/projects/{quote_part(project)}/experiments", "ID,label,subject_ID")
     row = next((r for r in rows if r.get("label") == experiment), None) or next(
@@ -242,12 +248,12 @@ def _find_experiment(session: XnatSession, project: str, experiment: str) -> dic
 
 
 def _fetch_resources(
-    session: XnatSession,
+    session: XnatClient,
     experiment_id: str,
     kind: str,
     label: str,
     content: str,
-    progress: Callable[[int | None], Progress] | None,
+    progress: Callable[[int | None], Any] | None,
 ) -> None:
     """Download an experiment's ``kind`` resources labelled ``label`` (or ``ALL``) into the new folder
     ``content``, in XNAT's ZIP layout, extracting while downloading.
@@ -283,11 +289,11 @@ def _fetch_resources(
     for index, (path, name) in enumerate(zips):
         part = os.path.join(os.path.dirname(content), f"part-{index}")
         with session.stream(path, format="zip", compression="0") as chunks:
-            extract_stream(_counted(chunks, bar) if bar else chunks, part, ExtractLimits())
+            extract_stream(_counted(chunks, bar) if bar is not None else chunks, part, ExtractLimits())
         if name is not None:
             _rename_resource(part, name)
         _merge(part, content)
-    if bar:
+    if bar is not None:
         bar.close()
 
 
@@ -326,7 +332,7 @@ def _number(text: object) -> int:
         return 0
 
 
-def _counted(chunks: Iterable[bytes], bar: Progress) -> Iterator[bytes]:
+def _counted(chunks: Iterable[bytes], bar: Any) -> Iterator[bytes]:
     for chunk in chunks:
         bar.update(len(chunk))
         yield chunk
@@ -351,7 +357,7 @@ def _inside(base: str, name: str) -> str:
     return target
 
 
-def _publish(content: str, target: str) -> None:
+def _move_into_place(content: str, target: str) -> None:
     """Move extracted ``content`` to ``target``: its single top folder, else the whole of it."""
     entries = os.listdir(content)
     source = content

@@ -12,33 +12,35 @@ import errno
 
 
 class XnatfsError(Exception):
-    """Base class of all xnatfs errors. ``errno`` is what the mount answers for it."""
+    """Base class of all xnatfs errors. ``errno`` is what the mount answers for it.
+
+    Takes one message. ``Exception.__init__`` is called directly so that the subclasses that are also
+    an ``OSError`` keep the message as it is (not as an errno/strerror pair); ``str()`` of one made
+    without a message is ``default_message``.
+    """
 
     errno: int = errno.EIO
+    default_message = "xnatfs error"
+
+    def __init__(self, message: object = "") -> None:
+        Exception.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args and self.args[0] else self.default_message
 
 
 class NotFoundError(XnatfsError, FileNotFoundError):
     """The server (or transport) has no object at that address (HTTP 404)."""
 
     errno = errno.ENOENT
-
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "not found"
+    default_message = "not found"
 
 
 class AccessDeniedError(XnatfsError, PermissionError):
     """The server refused access to an object (HTTP 403)."""
 
     errno = errno.EACCES
-
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "access denied"
+    default_message = "access denied"
 
 
 class AuthenticationError(XnatfsError):
@@ -58,21 +60,13 @@ class ServerError(XnatfsError):
 class ConnectionFailedError(XnatfsError, ConnectionError):
     """The server could not be reached, or stopped answering within the timeout."""
 
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "connection failed"
+    default_message = "connection failed"
 
 
 class UnsafeArchiveError(XnatfsError, ValueError):
     """A ZIP archive holds an entry that must not be extracted (path escape, symlink, bomb, bad CRC...)."""
 
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unsafe archive"
+    default_message = "unsafe archive"
 
 
 class IncompleteDownloadError(XnatfsError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
-import shutil
 import sys
 import threading
 import time
@@ -20,7 +19,8 @@ from typing import Any, TextIO
 
 from xnatfs.cache import IncompleteEntry
 from xnatfs.control import Connection, ControlError, Send, control_socket, find_mount
-from xnatfs.progress import human_bytes
+from xnatfs.options import PREFETCH_JOBS, TIMEOUT
+from xnatfs.progress import byte_bar, human_bytes
 from xnatfs.stats import tree_size
 from xnatfs.transports.base import AbstractTransport, normpath
 
@@ -36,7 +36,7 @@ FETCH_IDLE_TIMEOUT = 120.0  # the daemon sends progress every PROGRESS_SECONDS w
 class Prefetcher:
     """The daemon's side: ``plan`` and ``fetch`` operations of the control socket."""
 
-    def __init__(self, transport: AbstractTransport, timeout: float = 30.0) -> None:
+    def __init__(self, transport: AbstractTransport, timeout: float = TIMEOUT) -> None:
         self.transport = transport
         self.timeout = timeout
         self._slots = threading.BoundedSemaphore(MAX_PARALLEL)
@@ -94,7 +94,7 @@ class Prefetcher:
                     for attempt in range(2):
                         self.transport.fetch(path)  # starts the unit's download (or finds it cached)
                         try:
-                            unit.entry.wait_published(self.timeout)  # the file came first; wait for all
+                            unit.entry.wait_complete(self.timeout)  # the file came first; wait for all
                             return
                         except IncompleteEntry:
                             if attempt:
@@ -220,25 +220,10 @@ class _Run:
 
 
 def _bar(total: int | None, count: int, err: TextIO) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=f"resources 0/{count}",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        file=err,
-        disable=not err.isatty(),
-        # A terminal that reports size 0 (e.g. under script(1)) would hide the bar: assume 100x24.
-        ncols=min(shutil.get_terminal_size((100, 24)).columns, 120),
-        nrows=max(shutil.get_terminal_size((100, 24)).lines, 2),
-        miniters=1,
-        mininterval=0.2,
-    )
+    return byte_bar(f"resources 0/{count}", total, err, miniters=1, mininterval=0.2)
 
 
-def run(paths: list[str], jobs: int = 4, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def run(paths: list[str], jobs: int = PREFETCH_JOBS, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Prefetch everything below ``paths`` (inside live xnatfs mounts); return the exit status.
 
     0 when everything below them is cached at the end, 1 when something failed (listed on

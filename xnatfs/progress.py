@@ -1,10 +1,12 @@
-"""A one-line progress bar for downloads on a terminal: bytes, rate, ETA."""
+"""Byte counts for people: ``human_bytes`` and a progress bar on a terminal (tqdm's)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
-import time
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 
 def human_bytes(count: float) -> str:
@@ -16,44 +18,25 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-class Progress:
-    """Draws ``label  12.3 MB / 40.0 MB  31%  8.1 MB/s  ETA 0:03`` at most ten times a second.
+def byte_bar(label: str, total: int | None, out: TextIO | None = None, enabled: bool = True, **options: Any) -> tqdm:
+    """Return a tqdm bar counting bytes (``update(n)``, ``close()``): label, size, rate and ETA.
 
-    Does nothing when disabled (output is not a terminal). ``total`` may be None (no ETA).
+    Draws nothing when ``enabled`` is false or ``out`` (default stderr) is not a terminal. ``total``
+    may be None (no ETA). ``options`` go to tqdm as they are.
     """
-
-    def __init__(self, label: str, total: int | None = None, enabled: bool = True, out: TextIO | None = None):
-        self.label = label
-        self.total = total
-        self.enabled = enabled
-        self.out = out or sys.stderr
-        self.done = 0
-        self._start = time.monotonic()
-        self._drawn = 0.0
-
-    def update(self, count: int) -> None:
-        """Add ``count`` bytes."""
-        self.done += count
-        if self.enabled and time.monotonic() - self._drawn >= 0.1:
-            self._draw()
-
-    def close(self) -> None:
-        """Draw the final state and end the line."""
-        if self.enabled:
-            self._draw()
-            self.out.write("\n")
-            self.out.flush()
-
-    def _draw(self) -> None:
-        self._drawn = time.monotonic()
-        elapsed = max(self._drawn - self._start, 1e-6)
-        rate = self.done / elapsed
-        text = f"{self.label}  {human_bytes(self.done)}"
-        if self.total:
-            text += f" / {human_bytes(self.total)}  {min(self.done / self.total, 1):4.0%}"
-        text += f"  {human_bytes(rate)}/s"
-        if self.total and rate > 0:
-            left = max(self.total - self.done, 0) / rate
-            text += f"  ETA {int(left // 60)}:{int(left % 60):02d}"
-        self.out.write("\r" + text.ljust(78))
-        self.out.flush()
+    out = out or sys.stderr
+    size = shutil.get_terminal_size((100, 24))
+    settings: dict[str, Any] = {
+        "total": total,
+        "desc": label,
+        "unit": "B",
+        "unit_scale": True,
+        "unit_divisor": 1000,
+        "file": out,
+        "disable": not (enabled and out.isatty()),
+        # A terminal that reports size 0 (e.g. under script(1)) would hide the bar: assume 100x24.
+        "ncols": min(size.columns, 120),
+        "nrows": max(size.lines, 2),
+        "mininterval": 0.1,
+    }
+    return tqdm(**{**settings, **options})

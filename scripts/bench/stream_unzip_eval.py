@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 
 import xnatfs.extract as extract
+from xnatfs.extract import writer
 from xnatfs.server.archive import FileEntry
 from xnatfs.server.zipstream import ZipMember, stream_zip
 
@@ -55,11 +56,11 @@ def ours(pieces: list[bytes], dest: str) -> None:
 
 
 def ours_plain_zlib(pieces: list[bytes], dest: str) -> None:
-    fast, extract.zlib = extract.zlib, zlib
+    fast, writer.zlib = writer.zlib, zlib
     try:
         ours(pieces, dest)
     finally:
-        extract.zlib = fast
+        writer.zlib = fast
 
 
 def theirs(pieces: list[bytes], dest: str, chunk_size: int) -> None:

@@ -1,60 +1,35 @@
-"""The HTTP side of `xnatfs serve`: routes XNAT's REST paths onto an Archive.
+"""XNAT's REST routes of `xnatfs serve`, onto an Archive.
 
-Stdlib only: a ThreadingHTTPServer (one daemon thread per connection) with an HTTP/1.1 keep-alive
-handler. `/data/archive/...` is routed like `/data/...`. Every request is logged as one line on stderr
-(method, path, status, bytes, milliseconds; never credentials or session ids).
+`/data/archive/...` and `/REST/...` are routed like `/data/...`. The request handler is built from
+three parts besides the routes: the HTTP plumbing (:mod:`.http`), logging in (:mod:`.auth`) and the
+test hooks' faults (:mod:`.faults`). Stdlib only: a ThreadingHTTPServer, one daemon thread per connection.
 """
 
 from __future__ import annotations
 
-import json
 import mimetypes
 import os
-import socket
-import struct
 import sys
 import tempfile
-import time
-import traceback
 from collections.abc import Iterator
 from email.utils import formatdate
-from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from importlib import resources as package_files
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus
 
 from .. import __version__
 from . import views
-from .archive import (
-    READ_CHUNK,
-    AlreadyExists,
-    Archive,
-    Experiment,
-    InvalidName,
-    ResourceOwner,
-    Scan,
-    copy_exactly,
-)
-from .auth import GUEST, Auth, parse_basic
-from .faults import TestHooks
+from .archive import READ_CHUNK, AlreadyExists, Archive, InvalidName, copy_exactly
+from .auth import GUEST, Auth, Authentication
+from .faults import FaultInjection, TestHooks
+from .http import HttpError, HttpHandler
 from .importer import ImportFailed, import_dicom_zip
+from .model import Experiment, ResourceOwner, Scan
 from .zipstream import ZipMember, stream_zip
 
 XNAT_VERSION = "1.8.10"
 SCHEMAS = ("xnat", "xdat")
-REALM = 'Basic realm="XNAT Protected Area"'
-MAX_DRAIN_BYTES = 1024 * 1024  # unread request bodies up to this size are skipped, larger ones close
-SESSION_COOKIE = "JSESSIONID"
-
-
-class HttpError(Exception):
-    """Answer the request with `status` and a short plain-text `message`."""
-
-    def __init__(self, status: int, message: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message or {400: "Bad request", 404: "Not found", 405: "Method not allowed"}.get(status, "")
 
 
 class XnatHTTPServer(ThreadingHTTPServer):
@@ -87,44 +62,14 @@ class XnatHTTPServer(ThreadingHTTPServer):
         self.checksums = checksums  # XNAT's checksums setting: without it, file listings carry no digest
 
 
-class RequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle's algorithm and the
-    # client's delayed ACK add ~40 ms to every keep-alive request.
-    disable_nagle_algorithm = True
-    server_version = f"xnatfs-serve/{__version__}"
+class RequestHandler(FaultInjection, Authentication, HttpHandler):
+    """XNAT's REST routes onto the archive."""
+
     server: XnatHTTPServer
 
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_HEAD(self) -> None:
-        self._handle()
-
-    def do_PUT(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    # -- request life cycle ------------------------------------------------------------------------
-
-    def _handle(self) -> None:
-        started = self._started = time.monotonic()
-        self._status = 0
-        self._sent = 0
-        self._user = ""
-        self._headers_sent = False
-        self._recorded = False
-        self._new_cookies: list[str] = []
-        self._url = url = urlsplit(self.path)
-        self._query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        length = self.headers.get("Content-Length") or "0"
-        self._body_left = int(length) if length.isdigit() else 0
-        parts = split_path(url.path)
+    def _dispatch(self) -> None:
+        """Route the request: `/_test/...` to the test hooks, the rest (faults first) to XNAT's routes."""
+        parts = split_path(self._url.path)
         if parts[:1] == ["REST"]:  # the pre-1.5 name of /data
             parts = ["data", *parts[1:]]
         if parts[:2] == ["data", "archive"]:
@@ -134,181 +79,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             if self._is_hook:
                 self._test_hook(parts[1:])
-            else:
-                if hooks and self._inject_faults(hooks, url.path):
-                    return
+            elif not (hooks and self._inject_faults(hooks, self._url.path)):
                 self._route(parts)
-        except HttpError as error:
-            self._fail(error.status, error.message)
         except InvalidName as error:
-            self._fail(400, str(error))
+            raise HttpError(400, str(error)) from error
         except AlreadyExists as error:
-            self._fail(409, f"{error} already exists")
+            raise HttpError(409, f"{error} already exists") from error
         except ImportFailed as error:
-            self._fail(error.status, str(error))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:  # a server bug: answer 500 like XNAT does, and show the traceback
-            traceback.print_exc()
-            self.close_connection = True
-            self._fail(500, "Internal server error")
-        finally:
-            self._record(self._sent)
-            self._finish_body()
-            self._log(url.path, started)
-
-    def _record(self, body_bytes: int) -> None:
-        """Add this request to the test hooks' request log, once.
-
-        Responses call this just before their last bytes go out, so a client that has seen a complete
-        response always finds it in the log.
-        """
-        hooks = self.server.hooks
-        if hooks and not self._is_hook and not self._recorded:
-            self._recorded = True
-            entry = {"method": self.command, "path": self._url.path, "query": self._url.query}
-            # Monotonic start and end, so tests can tell how many requests were in flight at once.
-            times = {"started": self._started, "finished": time.monotonic()}
-            hooks.record({**entry, "status": self._status, "bytes": body_bytes, "user": self._user, **times})
-
-    def _inject_faults(self, hooks: TestHooks, path: str) -> bool:
-        """Apply the active test faults; returns True when the request has been dealt with."""
-        if hooks.refuse:
-            self._abort()
-            return True
-        hooks.wait_while_stalled()
-        if hooks.latency:
-            time.sleep(hooks.latency)
-        status = hooks.error_for(path)
-        if status is not None:
-            self._fail(status, "Injected error")
-            return True
-        return False
-
-    def _finish_body(self) -> None:
-        """Skip an unread small request body so the connection can be reused; close after a big one."""
-        if self._body_left and not self.close_connection:
-            if self._body_left > MAX_DRAIN_BYTES:
-                self.close_connection = True
-            else:
-                self.rfile.read(self._body_left)
-        self._body_left = 0
-
-    def _log(self, path: str, started: float) -> None:
-        millis = (time.monotonic() - started) * 1000
-        print(
-            f"{self.log_date_time_string()} {self.command} {path} {self._status} {self._sent} {millis:.0f}ms",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def log_request(self, code="-", size="-") -> None:
-        """Record the status (BaseHTTPRequestHandler would print its own log line here)."""
-        self._status = int(code) if str(code).isdigit() else 0
-
-    def log_message(self, format: str, *args) -> None:
-        """Silence the stdlib's default logging; errors it reports still go to stderr, briefly."""
-        if format.startswith(("code ", "Request timed out")):
-            print(f"xnatfs serve: {format % args}", file=sys.stderr, flush=True)
-
-    # -- responses ---------------------------------------------------------------------------------
-
-    def _start(self, status: int, headers: dict[str, str], body_bytes: int | None) -> None:
-        """Send the status and headers; `body_bytes` is the body size to log, None if not known yet."""
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        for cookie in self._new_cookies:
-            self.send_header("Set-Cookie", cookie)
-        if body_bytes is not None:
-            self._record(body_bytes)
-        self.end_headers()
-        self._headers_sent = True
-
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
-        self._start(status, headers, 0 if self.command == "HEAD" else len(body))
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            self._sent += len(body)
-
-    def _send_text(self, text: str, status: int = 200) -> None:
-        self._send(status, text.encode("utf-8"), "text/plain;charset=UTF-8")
-
-    def _send_json(self, data) -> None:
-        self._send(200, json.dumps(data).encode("utf-8"), "application/json;charset=UTF-8")
-
-    def _fail(self, status: int, message: str) -> None:
-        if self._headers_sent:  # too late for a status: the client must see a broken transfer instead
-            self._abort()
-            return
-        self._send(status, message.encode("utf-8"), "text/plain;charset=UTF-8")
-
-    def _abort(self) -> None:
-        """Close the connection with a reset (no orderly end), as a crashed server would."""
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close_connection = True
-
-    def _unauthorized(self) -> None:
-        self._send(401, b"Authentication required", "text/plain;charset=UTF-8", {"WWW-Authenticate": REALM})
-
-    # -- authentication ----------------------------------------------------------------------------
-
-    def _cookie_session(self) -> str | None:
-        cookies = SimpleCookie()
-        try:
-            cookies.load(self.headers.get("Cookie", ""))
-        except Exception:  # a malformed Cookie header counts as no cookie
-            return None
-        morsel = cookies.get(SESSION_COOKIE)
-        return morsel.value if morsel else None
-
-    def _authenticate(self) -> str | None:
-        """Return the user of this request (session cookie or Basic auth), or None.
-
-        Like XNAT: Basic credentials for the user the session holds are not checked again; other
-        Basic credentials are, and open a new session (cookie). Without credentials and without a
-        live session, a site with requireLogin=false answers as the guest user.
-        """
-        auth = self.server.auth
-        session_user = auth.session_user(self._cookie_session())
-        header = self.headers.get("Authorization")
-        if parse_basic(header)[0] is not None:
-            user = auth.check_basic(header, session_user)
-            if user is not None and user != session_user:
-                self._set_session_cookie(auth.new_session(user))
-        elif session_user is not None:
-            user = session_user
-        elif not self.server.require_login:
-            user = GUEST
-        else:
-            user = None
-        self._user = user or ""
-        return user
-
-    def _set_session_cookie(self, session_id: str) -> None:
-        self._new_cookies.append(f"{SESSION_COOKIE}={session_id}; Path=/; HttpOnly")
-
-    def _login(self) -> None:
-        """PUT/POST /data/services/auth with a form body username=..&password=.. -> the session id."""
-        form = {k: v[0] for k, v in parse_qs(self._read_body(MAX_DRAIN_BYTES).decode("utf-8", "replace")).items()}
-        user = self.server.auth.check_password(form.get("username", ""), form.get("password", ""))
-        if user is None:
-            self._send_text("Authentication failed.", 401)
-            return
-        session_id = self.server.auth.new_session(user)
-        self._user = user
-        self._set_session_cookie(session_id)
-        self._send_text(session_id)
-
-    def _read_body(self, limit: int) -> bytes:
-        if self._body_left > limit:
-            raise HttpError(413, "request body too large")
-        body = self.rfile.read(self._body_left)
-        self._body_left = 0
-        return body
-
-    # -- routing -----------------------------------------------------------------------------------
+            raise HttpError(error.status, str(error)) from error
 
     def _route(self, parts: list[str]) -> None:
         method = self.command
@@ -492,8 +270,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             case _:
                 raise HttpError(404)
 
-    # -- listings and downloads --------------------------------------------------------------------
-
     def _listing(self, kind: str | None, rows: list[dict]) -> None:
         columns = [c for c in self._query.get("columns", "").split(",") if c]
         self._send_json(views.result_set(rows, kind, columns))
@@ -551,25 +327,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._record(self._sent)
         self.wfile.write(b"0\r\n\r\n")
 
-    def _paced(self, data: bytes) -> Iterator[bytes]:
-        """Yield `data` whole, or in slices at the test hooks' throttle rate (re-read per slice)."""
-        hooks = self.server.hooks
-        while data:
-            rate = hooks.throttle if hooks else None
-            if not rate:
-                yield data
-                return
-            piece, data = data[: max(1024, rate // 10)], data[max(1024, rate // 10) :]
-            yield piece
-            time.sleep(len(piece) / rate)
-
-    def _write_chunk(self, chunk: bytes) -> None:
-        if chunk:
-            self.wfile.write(b"%x\r\n" % len(chunk))
-            self.wfile.write(chunk)
-            self.wfile.write(b"\r\n")
-            self._sent += len(chunk)
-
     def _file(self, resources: list, path: list[str]) -> None:
         """GET/HEAD one file of the first of `resources` that has it, sent from disk with its length."""
         targets = [self.server.archive.safe_path(r.directory, path) for r in resources]
@@ -594,8 +351,6 @@ class RequestHandler(BaseHTTPRequestHandler):
                         self._sent += len(piece)
             else:
                 self._sent += self.connection.sendfile(handle, count=info.st_size)
-
-    # -- uploads -----------------------------------------------------------------------------------
 
     def _upload(self, owner: ResourceOwner, resource_key: str, path: list[str]) -> None:
         """PUT a file into a resource; an existing file without overwrite=true is reported, not replaced."""
@@ -628,39 +383,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             upload.flush()
             uri = import_dicom_zip(self.server.archive, Path(upload.name), self._query)
         self._send_text(uri + "\r\n")
-
-    # -- test hooks --------------------------------------------------------------------------------
-
-    def _test_hook(self, parts: list[str]) -> None:
-        hooks = self.server.hooks
-        if hooks is None:
-            raise HttpError(404)
-        match self.command, parts:
-            case "GET", ["requests"]:
-                self._send_json(hooks.requests())
-            case "DELETE", ["requests"]:
-                hooks.clear_requests()
-                self._send_text("")
-            case "PUT", ["faults"]:
-                try:
-                    hooks.set_faults(json.loads(self._read_body(MAX_DRAIN_BYTES) or b"{}"))
-                except (ValueError, TypeError) as error:
-                    raise HttpError(400, str(error)) from error
-                self._send_text("")
-            case "DELETE", ["faults"]:
-                hooks.clear_faults()
-                self._send_text("")
-            case "POST", ["expire-sessions"]:
-                self.server.auth.expire_all_sessions()
-                self._send_text("")
-            case "PUT", ["password"]:
-                self.server.auth.set_password(self._read_body(MAX_DRAIN_BYTES).decode("utf-8"))
-                self._send_text("")
-            case "POST", ["unlock"]:
-                self.server.auth.unlock()
-                self._send_text("")
-            case _:
-                raise HttpError(404)
 
 
 class DuplicateEntry(Exception):

@@ -8,12 +8,19 @@ import secrets
 import threading
 import time
 import uuid
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs
+
+from .http import MAX_DRAIN_BYTES
 
 TOKEN_LIFETIME_SECONDS = 2 * 24 * 3600
 # XNAT's defaults: 20 failed logins (form or Basic, counted alike) lock the account for an hour.
 MAX_FAILED_LOGINS = 20
 LOCKOUT_SECONDS = 3600.0
 GUEST = "guest"
+REALM = 'Basic realm="XNAT Protected Area"'
+SESSION_COOKIE = "JSESSIONID"
 
 
 def parse_basic(header: str | None) -> tuple[str | None, str | None]:
@@ -135,3 +142,59 @@ class Auth:
             "timestamp": now_ms,
             "estimatedExpirationTime": now_ms + TOKEN_LIFETIME_SECONDS * 1000,
         }
+
+
+class Authentication:
+    """The request handler's side of logging in: session cookie or Basic auth, the login form, 401."""
+
+    server: Any  # has `auth` (Auth) and `require_login`
+
+    def _unauthorized(self) -> None:
+        self._send(401, b"Authentication required", "text/plain;charset=UTF-8", {"WWW-Authenticate": REALM})
+
+    def _cookie_session(self) -> str | None:
+        cookies = SimpleCookie()
+        try:
+            cookies.load(self.headers.get("Cookie", ""))
+        except Exception:  # a malformed Cookie header counts as no cookie
+            return None
+        morsel = cookies.get(SESSION_COOKIE)
+        return morsel.value if morsel else None
+
+    def _authenticate(self) -> str | None:
+        """Return the user of this request (session cookie or Basic auth), or None.
+
+        Like XNAT: Basic credentials for the user the session holds are not checked again; other
+        Basic credentials are, and open a new session (cookie). Without credentials and without a
+        live session, a site with requireLogin=false answers as the guest user.
+        """
+        auth = self.server.auth
+        session_user = auth.session_user(self._cookie_session())
+        header = self.headers.get("Authorization")
+        if parse_basic(header)[0] is not None:
+            user = auth.check_basic(header, session_user)
+            if user is not None and user != session_user:
+                self._set_session_cookie(auth.new_session(user))
+        elif session_user is not None:
+            user = session_user
+        elif not self.server.require_login:
+            user = GUEST
+        else:
+            user = None
+        self._user = user or ""
+        return user
+
+    def _set_session_cookie(self, session_id: str) -> None:
+        self._new_cookies.append(f"{SESSION_COOKIE}={session_id}; Path=/; HttpOnly")
+
+    def _login(self) -> None:
+        """PUT/POST /data/services/auth with a form body username=..&password=.. -> the session id."""
+        form = {k: v[0] for k, v in parse_qs(self._read_body(MAX_DRAIN_BYTES).decode("utf-8", "replace")).items()}
+        user = self.server.auth.check_password(form.get("username", ""), form.get("password", ""))
+        if user is None:
+            self._send_text("Authentication failed.", 401)
+            return
+        session_id = self.server.auth.new_session(user)
+        self._user = user
+        self._set_session_cookie(session_id)
+        self._send_text(session_id)

@@ -11,9 +11,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from .http import MAX_DRAIN_BYTES, HttpError
 
 FAULT_KEYS = {"latency", "drop_after_bytes", "error", "refuse", "stall", "throttle"}
 
@@ -115,3 +121,66 @@ class TestHooks:
                 if rule.remaining <= 0:
                     self._error = None
             return rule.status
+
+
+class FaultInjection:
+    """The request handler's side of the test hooks: injected faults, throttled bodies, `/_test/...`."""
+
+    server: Any  # has `hooks` (TestHooks or None) and `auth`
+
+    def _inject_faults(self, hooks: TestHooks, path: str) -> bool:
+        """Apply the active test faults; returns True when the request has been dealt with."""
+        if hooks.refuse:
+            self._abort()
+            return True
+        hooks.wait_while_stalled()
+        if hooks.latency:
+            time.sleep(hooks.latency)
+        status = hooks.error_for(path)
+        if status is not None:
+            self._fail(status, "Injected error")
+            return True
+        return False
+
+    def _paced(self, data: bytes) -> Iterator[bytes]:
+        """Yield `data` whole, or in slices at the test hooks' throttle rate (re-read per slice)."""
+        hooks = self.server.hooks
+        while data:
+            rate = hooks.throttle if hooks else None
+            if not rate:
+                yield data
+                return
+            piece, data = data[: max(1024, rate // 10)], data[max(1024, rate // 10) :]
+            yield piece
+            time.sleep(len(piece) / rate)
+
+    def _test_hook(self, parts: list[str]) -> None:
+        hooks = self.server.hooks
+        if hooks is None:
+            raise HttpError(404)
+        match self.command, parts:
+            case "GET", ["requests"]:
+                self._send_json(hooks.requests())
+            case "DELETE", ["requests"]:
+                hooks.clear_requests()
+                self._send_text("")
+            case "PUT", ["faults"]:
+                try:
+                    hooks.set_faults(json.loads(self._read_body(MAX_DRAIN_BYTES) or b"{}"))
+                except (ValueError, TypeError) as error:
+                    raise HttpError(400, str(error)) from error
+                self._send_text("")
+            case "DELETE", ["faults"]:
+                hooks.clear_faults()
+                self._send_text("")
+            case "POST", ["expire-sessions"]:
+                self.server.auth.expire_all_sessions()
+                self._send_text("")
+            case "PUT", ["password"]:
+                self.server.auth.set_password(self._read_body(MAX_DRAIN_BYTES).decode("utf-8"))
+                self._send_text("")
+            case "POST", ["unlock"]:
+                self.server.auth.unlock()
+                self._send_text("")
+            case _:
+                raise HttpError(404)

@@ -20,7 +20,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from .archive import READ_CHUNK, FileEntry
+from .archive import READ_CHUNK
+from .model import FileEntry
 
 LOCAL_HEADER = 0x04034B50
 CENTRAL_HEADER = 0x02014B50
@@ -136,21 +137,15 @@ def _local_header(record: _Written, zip64: bool) -> bytes:
     size32 = LIMIT_32 if zip64 else record.size
     compressed32 = LIMIT_32 if zip64 else record.compressed
     version = 45 if zip64 else 20
-    fixed = struct.pack(
-        "<IHHHHHIIIHH",
-        LOCAL_HEADER,
-        version,
-        record.flags,
-        record.method,
-        record.dos_time,
-        record.dos_date,
-        record.crc,
-        compressed32,
-        size32,
-        len(record.name),
-        len(extra),
+    fixed = struct.pack("<IH", LOCAL_HEADER, version) + _entry_fields(record, compressed32, size32)
+    return fixed + struct.pack("<HH", len(record.name), len(extra)) + record.name + extra
+
+
+def _entry_fields(record: _Written, compressed: int, size: int) -> bytes:
+    """The fields local and central headers share: flags, method, time, date, CRC, both sizes."""
+    return struct.pack(
+        "<HHHHIII", record.flags, record.method, record.dos_time, record.dos_date, record.crc, compressed, size
     )
-    return fixed + record.name + extra
 
 
 def _central_directory(written: list[_Written], start: int) -> Iterator[bytes]:
@@ -160,25 +155,12 @@ def _central_directory(written: list[_Written], start: int) -> Iterator[bytes]:
         values = [v for v in (record.size, record.compressed, record.offset) if v >= LIMIT_32]
         extra = struct.pack(f"<HH{len(values)}Q", ZIP64_EXTRA, 8 * len(values), *values) if values else b""
         version = 45 if values else 20
-        fixed = struct.pack(
-            "<IHHHHHHIIIHHHHHII",
-            CENTRAL_HEADER,
-            MADE_BY_UNIX | version,
-            version,
-            record.flags,
-            record.method,
-            record.dos_time,
-            record.dos_date,
-            record.crc,
-            min(record.compressed, LIMIT_32),
-            min(record.size, LIMIT_32),
-            len(record.name),
-            len(extra),
-            0,
-            0,
-            0,
-            UNIX_FILE_MODE,
-            min(record.offset, LIMIT_32),
+        fixed = (
+            struct.pack("<IHH", CENTRAL_HEADER, MADE_BY_UNIX | version, version)
+            + _entry_fields(record, min(record.compressed, LIMIT_32), min(record.size, LIMIT_32))
+            + struct.pack(
+                "<HHHHHII", len(record.name), len(extra), 0, 0, 0, UNIX_FILE_MODE, min(record.offset, LIMIT_32)
+            )
         )
         piece = fixed + record.name + extra
         size += len(piece)

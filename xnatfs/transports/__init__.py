@@ -37,6 +37,7 @@ __all__ = [
     "RootIsNotDirectory",
     "UnknownSchemeError",
     "get_transport",
+    "transport_class",
     "transport_classes",
     "XnatTransport",
 ]
@@ -96,6 +97,22 @@ def transport_classes() -> dict[str, type[AbstractTransport]]:
     return classes
 
 
+def transport_class(url: str) -> type[AbstractTransport]:
+    """Return the transport class that serves ``url``'s scheme (only its module is imported).
+
+    Raises UnknownSchemeError naming the known schemes.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in BUILT_IN_SCHEMES:
+        return _load(BUILT_IN_SCHEMES[scheme])
+    classes = transport_classes()
+    cls = classes.get(scheme)
+    if cls is None:
+        known = ", ".join(f"{s}://" for s in sorted(set(classes) | set(BUILT_IN_SCHEMES)))
+        raise UnknownSchemeError(f"no transport for {url!r}: unknown scheme {scheme or '(none)'!r}; known: {known}")
+    return cls
+
+
 def get_transport(url: str, mode: str = "r", opts: dict[str, Any] | None = None) -> AbstractTransport:
     """Return a transport for ``url``, chosen by its scheme.
 
@@ -103,16 +120,8 @@ def get_transport(url: str, mode: str = "r", opts: dict[str, Any] | None = None)
     ``dicom://AET@host:port`` and the schemes of installed plug-ins.
     Raises UnknownSchemeError naming the known schemes.
     """
+    cls = transport_class(url)
     parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in BUILT_IN_SCHEMES:  # only this transport's module is imported
-        cls: type[AbstractTransport] | None = _load(BUILT_IN_SCHEMES[scheme])
-    else:
-        classes = transport_classes()
-        cls = classes.get(scheme)
-    if cls is None:
-        known = ", ".join(f"{s}://" for s in sorted(set(classes) | set(BUILT_IN_SCHEMES)))
-        raise UnknownSchemeError(f"no transport for {url!r}: unknown scheme {scheme or '(none)'!r}; known: {known}")
     opts = dict(opts or {})
     opts.setdefault("url", url)
     return cls(netloc=parts.netloc, root=unquote(parts.path) or "/", mode=mode, opts=opts)

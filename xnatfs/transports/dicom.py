@@ -60,6 +60,7 @@ from pynetdicom.sop_class import (
 from xnatfs import __version__
 from xnatfs.cache import Cache, CacheEntry, Filler
 from xnatfs.names import safe_component, unique_names
+from xnatfs.options import CALLING_AET, Option
 from xnatfs.transports.base import (
     AbstractTransport,
     AssociationFailed,
@@ -131,6 +132,8 @@ class DicomTransport(AbstractTransport):
     version = __version__
     url = "https://pypi.org/project/xnatfs/"
     schemes = ["dicom"]
+    options = (Option("--calling-aet", default=CALLING_AET, help="our AE title, for dicom:// sources"),)
+    needs_credentials = False
     sizes_known = False  # an instance's size is known only once its series has been retrieved
 
     def __init__(

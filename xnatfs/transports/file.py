@@ -41,6 +41,8 @@ class FileTransport(AbstractTransport):
     version = __version__
     url = "https://pypi.org/project/xnatfs/"
     schemes = ["file"]
+    options = ()  # command-line options of its own (xnatfs.options.Option)
+    needs_credentials = False
     persistent_catalog = False  # the folder itself is at hand: a catalog could only be out of date
 
     def __init__(

@@ -32,10 +32,10 @@ from cachetools import LRUCache
 
 from xnatfs import __version__
 from xnatfs.cache import Cache, CacheEntry, Filler
+from xnatfs.client import XnatClient, quote_part
 from xnatfs.exceptions import ConnectionFailedError, NotFoundError, ServerError, UploadError, XnatfsError
 from xnatfs.extract import ExtractLimits, StreamingExtractor
 from xnatfs.names import safe_relpath, scan_folder, unique_names
-from xnatfs.session import XnatSession, quote_part
 from xnatfs.transports.base import AbstractTransport, ContentUnit, Entry
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class XnatTransport(AbstractTransport):
     Options: ``user``, ``password`` (or an alias token and its secret), ``timeout`` (seconds,
     default 30), ``cache`` (a :class:`~xnatfs.cache.Cache`) or ``cache_dir`` and ``cache_size``,
     ``ttl``, ``verify`` (TLS verification, default True), ``extract_limits``
-    (:class:`~xnatfs.extract.ExtractLimits`), ``session`` (an existing XnatSession).
+    (:class:`~xnatfs.extract.ExtractLimits`), ``session`` (an existing XnatClient).
     """
 
     name = "xnat"
@@ -143,6 +143,8 @@ class XnatTransport(AbstractTransport):
     version = __version__
     url = "https://xnat.org"
     schemes = ["http", "https", "xnat"]
+    options = ()  # command-line options of its own (xnatfs.options.Option)
+    needs_credentials = True  # the CLI resolves --user, XNAT_USER/XNAT_PASS or ~/.netrc for it
 
     def __init__(
         self,
@@ -155,7 +157,7 @@ class XnatTransport(AbstractTransport):
         super().__init__(netloc, root, mode, read_directory_only, opts)
         self.server_url = server_url(self.opts.get("url"), netloc, root)
         self.timeout = float(self.opts.get("timeout", 30))
-        self.session: XnatSession = self.opts.get("session") or XnatSession(
+        self.session: XnatClient = self.opts.get("session") or XnatClient(
             self.server_url,
             self.opts.get("user"),
             self.opts.get("password"),

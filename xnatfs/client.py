@@ -1,6 +1,6 @@
-"""Talking to an XNAT server over HTTP: sessions, timeouts, retries and errors.
+"""The HTTP client of an XNAT server: its login session, timeouts, retries and errors.
 
-:class:`XnatSession` is the one place where xnatfs speaks HTTP to XNAT. Every request has a
+:class:`XnatClient` is the one place where xnatfs speaks HTTP to XNAT. Every request has a
 connect and a read timeout; connection errors and 5xx answers are retried with backoff until the
 request's deadline; 403 and 404 become :class:`~xnatfs.exceptions.AccessDeniedError` and
 :class:`~xnatfs.exceptions.NotFoundError`. Messages name the path, never a credential.
@@ -38,10 +38,11 @@ from xnatfs.exceptions import (
     NotFoundError,
     ServerError,
 )
+from xnatfs.options import TIMEOUT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = TIMEOUT
 CHUNK_SIZE = 1 << 20  # at most this many body bytes per piece: one socket read into a fresh buffer
 AUTH_RETRY_SECONDS = 15.0  # first wait after refused credentials; doubles per refusal
 AUTH_RETRY_MAX_SECONDS = 600.0
@@ -60,7 +61,7 @@ def quote_part(part: str) -> str:
     return quote(str(part), safe="")
 
 
-class XnatSession:
+class XnatClient:
     """An authenticated connection to one XNAT server.
 
     ``url`` is the server's base URL (``https://host[:port][/context]``). ``user`` and
@@ -68,7 +69,7 @@ class XnatSession:
     authentication (``Authorization``, ``Cookie``) instead. ``timeout`` bounds every network wait
     (seconds): a request whose server is down or stalled fails within about that time.
     ``auth_retry`` is the first wait (seconds) after refused credentials (default: see
-    :func:`auth_retry_seconds`). Thread-safe: the mount shares one session between all its threads.
+    :func:`auth_retry_seconds`). Thread-safe: the mount shares one client between all its threads.
     """
 
     def __init__(
@@ -104,7 +105,7 @@ class XnatSession:
         self._probe_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"XnatSession({self.url!r}, user={self.user!r})"
+        return f"XnatClient({self.url!r}, user={self.user!r})"
 
     # -- authentication -------------------------------------------------------------------
 
@@ -243,9 +244,7 @@ class XnatSession:
         direct = _direct_body(response)
         try:
             yield from direct if direct is not None else response.raw.stream(CHUNK_SIZE, decode_content=True)
-        except (requests.RequestException, OSError) as error:
-            raise ConnectionFailedError(f"{path}: the download broke off: {_describe(error)}") from None
-        except Exception as error:  # urllib3's own errors (ProtocolError, ReadTimeoutError)
+        except Exception as error:  # requests', the socket's and urllib3's own (ProtocolError, ReadTimeoutError)
             raise ConnectionFailedError(f"{path}: the download broke off: {_describe(error)}") from None
 
     # -- internals ------------------------------------------------------------------------

@@ -12,9 +12,19 @@ import errno
 
 
 class XnatfsError(Exception):
-    """Base class of all xnatfs errors. ``errno`` is what the mount answers for it."""
+    """Base class of all xnatfs errors. ``errno`` is what the mount answers for it.
+
+    Every xnatfs error holds one message, also those that are OSErrors (``OSError`` would read
+    two arguments as errno and strerror, and its ``errno`` would hide the class's).
+    """
 
     errno: int = errno.EIO
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class NotFoundError(XnatfsError, FileNotFoundError):
@@ -22,23 +32,11 @@ class NotFoundError(XnatfsError, FileNotFoundError):
 
     errno = errno.ENOENT
 
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "not found"
-
 
 class AccessDeniedError(XnatfsError, PermissionError):
     """The server refused access to an object (HTTP 403)."""
 
     errno = errno.EACCES
-
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "access denied"
 
 
 class AuthenticationError(XnatfsError):
@@ -58,21 +56,9 @@ class ServerError(XnatfsError):
 class ConnectionFailedError(XnatfsError, ConnectionError):
     """The server could not be reached, or stopped answering within the timeout."""
 
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "connection failed"
-
 
 class UnsafeArchiveError(XnatfsError, ValueError):
     """A ZIP archive holds an entry that must not be extracted (path escape, symlink, bomb, bad CRC...)."""
-
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unsafe archive"
 
 
 class IncompleteDownloadError(XnatfsError):

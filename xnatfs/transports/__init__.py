@@ -24,6 +24,7 @@ from xnatfs.transports.base import (
     Entry,
     NoOtherInstance,
     RootIsNotDirectory,
+    Unit,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "UnknownSchemeError",
     "get_transport",
     "transport_classes",
+    "Unit",
     "XnatTransport",
 ]
 

@@ -1,19 +1,33 @@
-"""The transport interface: a few primitives per source, everything else derived here once.
+"""The transport contract: a few primitives per source, everything else derived here once.
 
 A transport presents a source (an XNAT server, a local folder, a DICOM PACS) as a tree of folders
-and files. Writing one means implementing two primitives:
+and files. Writing one means:
 
-* :meth:`AbstractTransport._list` -- the entries of one folder, with sizes and dates;
-* :meth:`AbstractTransport._fetch` -- a local path holding one file's complete content.
+* metadata: the class attributes ``name``, ``description``, ``authors``, ``version``, ``url``,
+  ``schemes`` (and ``sizes_known``, ``persistent_catalog``, ``default_ttl`` where they differ);
+* :meth:`AbstractTransport._setup` (optional) -- check the arguments and ``self.opts``, connect;
+* :meth:`AbstractTransport._list` -- the entries of one folder, with sizes and dates (and,
+  optionally, :meth:`AbstractTransport._lookup` -- one path's entry, where the source can look it
+  up cheaper than by listing its parent);
+* content, one of:
 
-The base class derives from them, with caching, everything the mount, the download API and the
-CLI use: :meth:`listdir`, :meth:`stat`, :meth:`exists`, :meth:`isfile`, :meth:`isdir`,
-:meth:`walk`, :meth:`info`, :meth:`open` and :meth:`fetch`.
+  - :meth:`AbstractTransport._unit` -- the :class:`Unit` of content that holds a file (what one
+    download brings: an XNAT resource, a DICOM series), and :meth:`AbstractTransport._fill` --
+    write that unit's members into a :class:`~xnatfs.cache.Filler` (``filler.write(member, data)``
+    writes one atomically and announces it);
+  - or :meth:`AbstractTransport._fetch` -- a local path already holding the file (a local folder).
 
-A transport whose content comes in units (one download brings a folder's files, e.g. an XNAT
-resource) may also say which unit a file belongs to and which folder groups units read together
-(:meth:`AbstractTransport._unit_of`): when a reader moves on to a second unit of one group (``cp -r``
-of an experiment), the base class downloads the group's other units in the background, a bounded
+The base class owns the rest: the cache (:attr:`AbstractTransport.cache`, built once from the
+options), single-flight fills (one download per unit, however many readers and processes ask),
+member lookup, sizes learned from content (a listed size that was wrong, or not known), the
+listing cache with stale fallback, the persistent catalog and listing read-ahead
+(:mod:`xnatfs.transports.listings`), download-ahead across the units of a group, content units for
+prefetch, and the derived methods the mount, the download API and the CLI use: :meth:`listdir`,
+:meth:`stat`, :meth:`exists`, :meth:`isfile`, :meth:`isdir`, :meth:`walk`, :meth:`info`,
+:meth:`open` and :meth:`fetch`. ``exists``/``isfile``/``isdir`` answer False for any OSError.
+
+Download-ahead: when a reader moves on to a second unit of one group (``Unit.group``, e.g. an
+experiment for ``cp -r``), the group's other units are downloaded in the background, a bounded
 number at a time (option ``parallel_downloads``, default 4; 0 turns it off).
 
 Paths are tree paths: absolute, ``/``-separated, as seen on the mount (``/P/S/E/scans``).
@@ -21,6 +35,7 @@ Paths are tree paths: absolute, ``/``-separated, as seen on the mount (``/P/S/E/
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -35,6 +50,7 @@ from typing import IO, Any, ClassVar
 
 from cachetools import LRUCache, TTLCache
 
+from xnatfs.cache import Cache, Filler
 from xnatfs.catalog import Catalog
 from xnatfs.exceptions import ConnectionFailedError, ServerError, XnatfsError
 
@@ -55,21 +71,9 @@ class NoOtherInstance(Exception):
 class RootIsNotDirectory(XnatfsError, NotADirectoryError):
     """The root of a transport opened with ``read_directory_only`` is not a folder."""
 
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "root is not a directory"
-
 
 class AssociationNotEstablished(XnatfsError, ConnectionError):
     """A DICOM association could not be established (peer down, rejected, timed out)."""
-
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "association not established"
 
 
 class AssociationFailed(XnatfsError):
@@ -134,6 +138,28 @@ ROOT = Entry(name="", is_dir=True, key="/")
 
 
 @dataclass(frozen=True)
+class Unit:
+    """The unit of content that holds a file: what one fill brings into one cache entry (an XNAT
+    resource, a DICOM series). Returned by :meth:`AbstractTransport._unit`.
+
+    ``key`` and ``version`` name the cache entry (a new version is new content); ``member`` is the
+    file's path inside it; ``id`` identifies the unit to users and logs (e.g. a REST path);
+    ``folder`` is the unit's folder in the tree; ``group`` a folder whose units a reader walking it
+    wants one after the other (None: no download-ahead); ``size`` the bytes of the whole unit when
+    listed; ``ref`` whatever :meth:`AbstractTransport._fill` needs.
+    """
+
+    key: tuple[str, ...]
+    version: str
+    member: str
+    id: str
+    folder: str
+    group: str | None = None
+    size: int | None = None
+    ref: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class ContentUnit:
     """The unit of download that holds a file (an XNAT resource, a PACS series): reading any of
     its files fills all of them into one cache entry.
@@ -186,6 +212,11 @@ class AbstractTransport:
     sizes_known: ClassVar[bool] = True
     # False for sources where a catalog on disk is pointless (a local folder).
     persistent_catalog: ClassVar[bool] = True
+    # Seconds a listing is trusted, and a network wait may last, unless the options say otherwise.
+    default_ttl: ClassVar[float] = 60.0
+    default_timeout: ClassVar[float] = 30.0
+    # False where names that file managers probe for may really exist (a local folder).
+    hide_probe_names: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -200,7 +231,8 @@ class AbstractTransport:
         self.mode = mode
         self.read_directory_only = read_directory_only
         self.opts = dict(opts or {})
-        self.ttl = ttl = float(self.opts.get("ttl", 60))
+        self.ttl = ttl = float(self.opts.get("ttl", self.default_ttl))
+        self.timeout = float(self.opts.get("timeout", self.default_timeout))
         size = int(self.opts.get("listing_cache_size", 100_000))
         self.offline = bool(self.opts.get("offline", False))
         # Every listing with the time it was fetched; past the ttl it is revalidated, and it is
@@ -230,6 +262,25 @@ class AbstractTransport:
         self._down_until = 0.0  # monotonic time until which the source is taken as unreachable
         self._catalog: Catalog | None = None
         self._unpersistable = False
+        self._cache: Cache | None = self.opts.get("cache")
+        # Sizes learned from content where the listing's was wrong or missing, by (entry key, listed size).
+        self._true_sizes: LRUCache[tuple[str, int | None], int] = LRUCache(maxsize=100_000)
+        self._setup()
+
+    @property
+    def cache(self) -> Cache:
+        """Return the cache of downloaded content: option ``cache``, else one in ``cache_dir``
+        (default :func:`~xnatfs.cache.default_cache_dir`) capped at ``cache_size`` bytes.
+        Built once, on first use (a transport whose content is local never builds one)."""
+        if self._cache is None:
+            with self._lock:
+                if self._cache is None:
+                    self._cache = Cache(self.opts.get("cache_dir"), self.opts.get("cache_size"))
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: Cache) -> None:
+        self._cache = cache
 
     @property
     def catalog(self) -> Catalog | None:
@@ -261,6 +312,10 @@ class AbstractTransport:
 
     # -- primitives ---------------------------------------------------------------------------
 
+    def _setup(self) -> None:
+        """Set the transport up from its arguments and :attr:`opts` (called once, last thing in the
+        constructor). Raises ValueError for arguments the transport cannot serve."""
+
     def _list(self, path: str) -> list[Entry]:
         """Return the entries of folder ``path``.
 
@@ -269,25 +324,42 @@ class AbstractTransport:
         """
         raise NotImplementedError
 
+    def _unit(self, path: str, entry: Entry) -> Unit | None:
+        """Return the :class:`Unit` of content that holds file ``path`` (``entry``: its listing entry).
+
+        Must not download content (may list). None (the default) for content that is local: then
+        :meth:`_fetch` is overridden instead.
+        """
+        return None
+
+    def _fill(self, unit: Unit, filler: Filler) -> None:
+        """Write every member of ``unit`` into ``filler.staging``, announcing each once complete
+        (``filler.write``, or write-then-rename and ``filler.publish``).
+
+        Called once per unit however many readers ask (the cache runs it). Raises the source's
+        error; members announced before the error stay readable by those waiting for them.
+        """
+        raise NotImplementedError
+
     def _fetch(self, path: str, entry: Entry) -> str:
         """Return the path of a local file holding the complete content of file ``path``.
 
-        ``entry`` is the file's entry from its folder's listing. May block until the content has
-        arrived; must never return a partial file.
+        ``entry`` is the file's entry from its folder's listing. By default the file's unit is
+        filled into the cache (once); a transport whose content is local overrides this. May block
+        until the content has arrived; never returns a partial file.
         """
-        raise NotImplementedError
+        unit = self._unit(path, entry)
+        if unit is None:
+            raise IsADirectoryError(path)
+        local = self.cache.entry(unit.key, unit.version).get(
+            unit.member, lambda filler: self._fill(unit, filler), timeout=self.timeout
+        )
+        self._learn_size(path, entry, local)
+        return local
 
     def _open_write(self, path: str, mode: str) -> IO[bytes]:
         """Return a writable file for ``path``; subclasses that can write implement it."""
         raise PermissionError(f"{self.name} transport is read-only")
-
-    def _unit_of(self, path: str, entry: Entry) -> tuple[str, str] | None:
-        """Return (unit folder, group folder) of file ``path``, or None (the default: no reading ahead).
-
-        A unit is what one download brings; a group is a folder whose units a reader walking it wants
-        one after the other. Optional: transports that download per file need not implement it.
-        """
-        return None
 
     def close(self) -> None:
         """Release connections and other resources held by the transport (subclasses call this too)."""
@@ -338,7 +410,9 @@ class AbstractTransport:
         path = normpath(path)
         listing = self._listing(path)
         self._read_ahead(path, listing)
-        return list(listing.values())
+        if self.sizes_known:
+            return list(listing.values())
+        return [self._sized(posixpath.join(path, e.name), e) for e in listing.values()]
 
     def stat(self, path: str) -> Entry:
         """Return the entry of ``path``, from its parent's listing. Raises FileNotFoundError."""
@@ -346,18 +420,38 @@ class AbstractTransport:
         with self._lock:
             entry = self._stats.get(path, self)
         if entry is self:  # not cached
-            entry = self._stat(path)
+            entry = self._lookup(path)
             with self._lock:
                 self._stats[path] = entry
         if entry is None:
             raise FileNotFoundError(path)
-        return entry
+        return entry if entry.size is not None else self._sized(path, entry)
 
-    def _stat(self, path: str) -> Entry | None:
+    def _sized(self, path: str, entry: Entry) -> Entry:
+        """Return ``entry`` with its size when it was listed without one and its content is in the
+        cache (complete or staged), else as it is. Looked up on every call, locally: a size appears
+        as soon as a fill has brought the file, without another listing request."""
+        if entry.is_dir or entry.size is not None:
+            return entry
+        unit = self._unit(path, entry)
+        local = None if unit is None else self.cache.entry(unit.key, unit.version).staged_path(unit.member)
+        if local is None:
+            return entry
+        try:
+            return dataclasses.replace(entry, size=os.stat(local).st_size)
+        except OSError:  # evicted or published between the two calls
+            return entry
+
+    def _lookup(self, path: str) -> Entry | None:
+        """Return the entry of ``path`` (None: there is none), from its parent's listing.
+
+        A primitive a transport may override where the source can look one path up directly (a
+        local folder). Raises NotADirectoryError when a parent is a file.
+        """
         if path == "/":
             return ROOT
         parent, name = posixpath.split(path)
-        if is_probe_name(name):
+        if self.hide_probe_names and is_probe_name(name):
             return None
         parent_entry = self.stat(parent)
         if not parent_entry.is_dir:
@@ -368,7 +462,7 @@ class AbstractTransport:
         """Return True if ``path`` is a folder or file of the tree."""
         try:
             self.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             return False
         return True
 
@@ -376,14 +470,14 @@ class AbstractTransport:
         """Return True if ``path`` is a file."""
         try:
             return not self.stat(path).is_dir
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             return False
 
     def isdir(self, path: str) -> bool:
         """Return True if ``path`` is a folder."""
         try:
             return self.stat(path).is_dir
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             return False
 
     def walk(self, top: str = "/") -> Iterator[tuple[str, list[str], list[str]]]:
@@ -413,7 +507,10 @@ class AbstractTransport:
         Raises FileNotFoundError, IsADirectoryError, or an XnatfsError with the cause.
         """
         path = normpath(path)
-        entry = self.stat(path)
+        return self._content(path, self.stat(path))
+
+    def _content(self, path: str, entry: Entry) -> str:
+        """Return the local file with the content of ``path``, whose entry is ``entry`` (see fetch)."""
         if entry.is_dir:
             raise IsADirectoryError(path)
         if self._parallel_downloads > 0 and not getattr(_reading_ahead, "active", False):
@@ -422,10 +519,10 @@ class AbstractTransport:
 
     def _note_read(self, path: str, entry: Entry) -> None:
         """Start reading ahead when a reader moves on to a second unit of one group."""
-        unit = self._unit_of(path, entry)
-        if unit is None:
+        unit = self._unit(path, entry)
+        if unit is None or unit.group is None:
             return
-        unit_path, group = unit
+        unit_path, group = unit.folder, unit.group
         with self._lock:
             previous = self._last_unit.get(group)
             self._last_unit[group] = unit_path
@@ -453,9 +550,9 @@ class AbstractTransport:
             for root, _dirs, files in self.walk(group):
                 for name in files:
                     path = f"{root.rstrip('/')}/{name}"
-                    unit = self._unit_of(path, self.stat(path))
-                    if unit is not None and unit[0] not in skip:
-                        last_file[unit[0]] = max(last_file.get(unit[0], path), path)
+                    unit = self._unit(path, self.stat(path))
+                    if unit is not None and unit.folder not in skip:
+                        last_file[unit.folder] = max(last_file.get(unit.folder, path), path)
         except Exception as error:  # noqa: BLE001 - reading ahead is an optimisation
             log.debug("reading ahead in %s stopped: %s", group, error)
             return
@@ -473,13 +570,17 @@ class AbstractTransport:
         finally:
             self._download_slots.release()
 
-    def open_fd(self, path: str) -> int:
+    def open_fd(self, path: str, entry: Entry | None = None) -> int:
         """Return a file descriptor open for reading the complete content of ``path``.
 
+        ``entry`` is the path's entry when the caller has just looked it up (saves a lookup).
         Retries when the content moved between fetch and open (a cache entry being published).
+        Raises as :meth:`fetch`.
         """
         path = normpath(path)
-        key = self.stat(path).key or path  # a source's key changes with the content (e.g. its digest)
+        if entry is None:
+            entry = self.stat(path)
+        key = entry.key or path  # a source's key changes with the content (e.g. its digest)
         with self._lock:
             local = self._local.get(key)
         if local is not None:
@@ -488,7 +589,7 @@ class AbstractTransport:
             except FileNotFoundError:
                 pass
         for attempt in range(3):
-            local = self.fetch(path)
+            local = self._content(path, entry)
             try:
                 fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -559,10 +660,46 @@ class AbstractTransport:
         return {}
 
     def content_unit(self, path: str) -> ContentUnit | None:
-        """Return the unit of download that holds file ``path``, or None when reading it never
-        downloads (local content). Never downloads content (may list). Raises FileNotFoundError."""
-        self.stat(path)
-        return None
+        """Return the unit of download that holds file ``path``, or None for a folder or when
+        reading it never downloads (local content). Never downloads content (may list). Raises
+        FileNotFoundError."""
+        path = normpath(path)
+        entry = self.stat(path)
+        unit = None if entry.is_dir else self._unit(path, entry)
+        if unit is None:
+            return None
+        return ContentUnit(unit.id, unit.folder, self.cache.entry(unit.key, unit.version), unit.member, unit.size)
+
+    def _learn_size(self, path: str, entry: Entry, local: str) -> None:
+        """When the content's size differs from the listed one, the bytes win: the listing entry
+        gets the true size (kept across re-listings) and, when a size had been told, the change
+        listeners (the mount) are told."""
+        try:
+            size = os.path.getsize(local)
+        except OSError:
+            return
+        if size == entry.size:
+            return
+        if entry.size is not None:
+            log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
+        parent, name = posixpath.split(path)
+        with self._lock:
+            self._true_sizes[(entry.key, entry.size)] = size
+            cached = self._listings.get(parent)
+            if cached is not None and name in cached.entries:
+                entries = {**cached.entries, name: dataclasses.replace(cached.entries[name], size=size)}
+                self._listings[parent] = dataclasses.replace(cached, entries=entries)
+            self._stats.pop(path, None)
+        if entry.size is not None:
+            self.changed(path)
+
+    def _with_true_sizes(self, entries: list[Entry]) -> list[Entry]:
+        """Return ``entries`` with the sizes learned from content (see :meth:`_learn_size`)."""
+        if not self._true_sizes:
+            return entries
+        with self._lock:
+            found = [self._true_sizes.get((e.key, e.size)) for e in entries]
+        return [e if size is None else dataclasses.replace(e, size=size) for e, size in zip(entries, found)]
 
     def is_cached(self, path: str) -> bool:
         """Return True if reading file ``path`` now would not download (content local or cached)."""
@@ -648,7 +785,7 @@ class AbstractTransport:
                 return cached.entries  # fetched meanwhile by another caller
             try:
                 fetched = time.time()
-                entries = self._list(path)
+                entries = self._with_true_sizes(self._list(path))
             except (FileNotFoundError, NotADirectoryError, PermissionError):
                 raise
             except (XnatfsError, ConnectionError, TimeoutError) as error:

@@ -34,12 +34,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import posixpath
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -58,14 +57,14 @@ from pynetdicom.sop_class import (
 )
 
 from xnatfs import __version__
-from xnatfs.cache import Cache, CacheEntry, Filler
+from xnatfs.cache import Filler
 from xnatfs.names import safe_component, unique_names
 from xnatfs.transports.base import (
     AbstractTransport,
     AssociationFailed,
     AssociationNotEstablished,
-    ContentUnit,
     Entry,
+    Unit,
     normpath,
 )
 
@@ -133,28 +132,17 @@ class DicomTransport(AbstractTransport):
     schemes = ["dicom"]
     sizes_known = False  # an instance's size is known only once its series has been retrieved
 
-    def __init__(
-        self,
-        netloc: str | None = None,
-        root: str | None = None,
-        mode: str = "r",
-        read_directory_only: bool = False,
-        opts: dict[str, Any] | None = None,
-    ) -> None:
+    def _setup(self) -> None:
         """Describe the PACS at ``netloc`` (``AET@host[:port]``); nothing is sent yet.
 
         Raises ValueError for a malformed ``netloc`` or a ``root`` other than ``/``.
         """
-        super().__init__(netloc=netloc, root=root, mode=mode, read_directory_only=read_directory_only, opts=opts)
-        self.called_aet, self.host, self.port = parse_netloc(netloc or "")
-        if normpath(root or "/") != "/":
-            raise ValueError(f"dicom:// URLs name a whole PACS, not a path inside it (got {root!r})")
+        self.called_aet, self.host, self.port = parse_netloc(self.netloc or "")
+        if normpath(self.root or "/") != "/":
+            raise ValueError(f"dicom:// URLs name a whole PACS, not a path inside it (got {self.root!r})")
         self.calling_aet = str(self.opts.get("calling_aet") or DEFAULT_CALLING_AET)
-        self.timeout = float(self.opts.get("timeout", DEFAULT_TIMEOUT))
         max_pdu = self.opts.get("max_pdu")
         self.max_pdu = None if max_pdu is None else int(max_pdu)
-        cache = self.opts.get("cache")
-        self.cache: Cache = cache if cache is not None else Cache(self.opts.get("cache_dir"))
         self.peer = f"{self.called_aet}@{self.host}:{self.port}"
         self._counter_lock = threading.Lock()
         #: Number of C-GET retrieves started by this transport (one per series fill).
@@ -182,6 +170,14 @@ class DicomTransport(AbstractTransport):
             return self._list_instances(ref)
         raise NotADirectoryError(path)
 
+    def _unit(self, path: str, entry: Entry) -> Unit | None:
+        """An instance's unit is its series (one C-GET)."""
+        ref = entry.ref
+        if not isinstance(ref, _Instance):
+            return None
+        key = ("dicom", self.peer, ref.study_uid, ref.series_uid)
+        return Unit(key, ref.version, ref.member, ref.series_uid, posixpath.dirname(path), ref=ref)
+
     def _fetch(self, path: str, entry: Entry) -> str:
         """Return the cached file of instance ``path``, retrieving its whole series if needed.
 
@@ -198,40 +194,11 @@ class DicomTransport(AbstractTransport):
         if error is not None and time.monotonic() - when < FAILURE_MEMORY:
             raise AssociationFailed(f"{error} (not retried for {FAILURE_MEMORY:g} s)")
         try:
-            return self._cache_entry(ref).get(
-                ref.member, lambda filler: self._retrieve_series(ref, filler), timeout=self.timeout
-            )
+            return super()._fetch(path, entry)
         except (AssociationNotEstablished, AssociationFailed, TimeoutError) as error:
             with self._counter_lock:
                 self._failures[ref.series_uid] = (time.monotonic(), error)
             raise
-
-    # -- sizes from the cache -----------------------------------------------------------------
-
-    def listdir(self, path: str = "/") -> list[Entry]:
-        """Return the entries of folder ``path``; instance sizes come from the cache (None if not there)."""
-        return [self._sized(entry) for entry in super().listdir(path)]
-
-    def stat(self, path: str) -> Entry:
-        """Return the entry of ``path`` (size from the cache for an instance). Raises FileNotFoundError."""
-        return self._sized(super().stat(path))
-
-    def _sized(self, entry: Entry) -> Entry:
-        """Return ``entry`` with its size if the instance is in the cache (complete or staged).
-
-        Listings are cached for ``ttl`` seconds; sizes are looked up on every call, locally, so
-        they appear as soon as a retrieve has brought the instance, without another C-FIND.
-        """
-        ref = entry.ref
-        if entry.size is not None or not isinstance(ref, _Instance):
-            return entry
-        local = self._cache_entry(ref).staged_path(ref.member)
-        if local is None:
-            return entry
-        try:
-            return replace(entry, size=os.stat(local).st_size)
-        except OSError:  # evicted or published between the two calls
-            return entry
 
     # -- upload -------------------------------------------------------------------------------
 
@@ -350,18 +317,19 @@ class DicomTransport(AbstractTransport):
         for name, uid in zip(unique_names(f"{uid}.dcm" for uid in uids), uids):
             member = safe_component(f"{uid}.dcm")
             ref = _Instance(series.study_uid, series.series_uid, uid, member, version, sop_classes)
-            # The size is filled in by _sized() once the series is in the cache.
+            # No size: the base class finds it in the cache once the series has been retrieved.
             entries.append(Entry(name=name, is_dir=False, size=None, mtime=series.mtime, key=uid, ref=ref))
         return entries
 
     # -- retrieve -----------------------------------------------------------------------------
 
-    def _retrieve_series(self, ref: _Instance, filler: Filler) -> None:
+    def _fill(self, unit: Unit, filler: Filler) -> None:
         """Fill a series' cache entry by one C-GET; each instance is published as it arrives.
 
         Raises AssociationNotEstablished, or AssociationFailed if the C-GET ends with anything
         but success (including partial failures).
         """
+        ref: _Instance = unit.ref
         with self._counter_lock:
             self.retrieve_count += 1
         sop_classes = list(ref.sop_classes) or [cx.abstract_syntax for cx in StoragePresentationContexts]
@@ -480,10 +448,6 @@ class DicomTransport(AbstractTransport):
         else:
             assoc.release()
 
-    def _cache_entry(self, ref: _Instance) -> CacheEntry:
-        """Return the cache entry of the series holding ``ref``."""
-        return self.cache.entry(("dicom", self.peer, ref.study_uid, ref.series_uid), ref.version)
-
     def metadata(self, path: str) -> dict[str, str]:
         """Return the UIDs of ``path`` and of the levels above it (``dicom.PatientID``,
         ``dicom.StudyInstanceUID``, ``dicom.SeriesInstanceUID``, ``dicom.SOPInstanceUID``), from
@@ -502,21 +466,6 @@ class DicomTransport(AbstractTransport):
         if isinstance(ref, _Instance):
             found["dicom.SOPInstanceUID"] = ref.sop_uid
         return found
-
-    def content_unit(self, path: str) -> ContentUnit | None:
-        """Return the series holding instance ``path`` as its unit of download (None for a folder)."""
-        entry = self.stat(path)
-        ref = entry.ref
-        if not isinstance(ref, _Instance):
-            return None
-        return ContentUnit(ref.series_uid, posixpath.dirname(normpath(path)), self._cache_entry(ref), ref.member)
-
-    def info(self, path: str) -> str:
-        """Return a one-line description of ``path``, saying when a size is not known yet."""
-        entry = self.stat(path)
-        if not entry.is_dir and entry.size is None:
-            return f"{path}: DICOM instance on {self.peer}, size unknown until its series is retrieved"
-        return super().info(path)
 
 
 def parse_netloc(netloc: str) -> tuple[str, str, int]:
@@ -551,20 +500,12 @@ def _on_c_store(event: Event, filler: Filler, received: list[str]) -> int:
     status for the PACS: success, or out of resources if it could not be written.
     """
     uid = str(event.request.AffectedSOPInstanceUID)
-    member = safe_component(f"{uid}.dcm")
-    final = os.path.join(filler.staging, member)
-    partial = os.path.join(filler.staging, f".{member}.part")
     try:
-        with open(partial, "wb") as f:
-            f.write(event.encoded_dataset(include_meta=True))
-        os.rename(partial, final)
+        filler.write(safe_component(f"{uid}.dcm"), event.encoded_dataset(include_meta=True))
     except OSError as error:
         log.error("cannot write retrieved instance %s: %s", uid, error)
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
         return STATUS_OUT_OF_RESOURCES
     received.append(uid)
-    filler.publish(member)
     return STATUS_SUCCESS
 
 

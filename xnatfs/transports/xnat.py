@@ -12,7 +12,6 @@ extracts it, as it arrives, into the cache; the reader gets its file as soon as 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -31,12 +30,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from cachetools import LRUCache
 
 from xnatfs import __version__
-from xnatfs.cache import Cache, CacheEntry, Filler
+from xnatfs.cache import Filler
 from xnatfs.exceptions import ConnectionFailedError, NotFoundError, ServerError, UploadError, XnatfsError
 from xnatfs.extract import ExtractLimits, StreamingExtractor
 from xnatfs.names import safe_relpath, scan_folder, unique_names
 from xnatfs.session import XnatSession, quote_part
-from xnatfs.transports.base import AbstractTransport, ContentUnit, Entry
+from xnatfs.transports.base import AbstractTransport, Entry, Unit
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,7 @@ class FileListing:
     files: dict[str, RemoteFile]
     tree: dict[str, Any]
     version: str
+    size: int  # of all files, as listed
 
 
 class XnatTransport(AbstractTransport):
@@ -144,17 +144,8 @@ class XnatTransport(AbstractTransport):
     url = "https://xnat.org"
     schemes = ["http", "https", "xnat"]
 
-    def __init__(
-        self,
-        netloc: str | None = None,
-        root: str | None = None,
-        mode: str = "r",
-        read_directory_only: bool = False,
-        opts: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(netloc, root, mode, read_directory_only, opts)
-        self.server_url = server_url(self.opts.get("url"), netloc, root)
-        self.timeout = float(self.opts.get("timeout", 30))
+    def _setup(self) -> None:
+        self.server_url = server_url(self.opts.get("url"), self.netloc, self.root)
         self.session: XnatSession = self.opts.get("session") or XnatSession(
             self.server_url,
             self.opts.get("user"),
@@ -162,13 +153,9 @@ class XnatTransport(AbstractTransport):
             timeout=self.timeout,
             verify=self.opts.get("verify", True),
         )
-        self.cache: Cache = self.opts.get("cache") or Cache(self.opts.get("cache_dir"), self.opts.get("cache_size"))
         self.limits: ExtractLimits = self.opts.get("extract_limits") or ExtractLimits()
         self.started = time.time()
         self.downloads = 0  # ZIP downloads started by this transport
-        # Sizes learned from downloaded content where the listing's Size was stale (XNAT's catalog
-        # records a size that may be out of date; the bytes win).
-        self._true_sizes: dict[tuple[str, str, str, int], int] = {}
         # Each resource's FileListing, built from its rows (kept with them: rebuilt when they change).
         self._file_listings: LRUCache[str, tuple[object, FileListing]] = LRUCache(maxsize=10_000)
 
@@ -396,9 +383,7 @@ class XnatTransport(AbstractTransport):
             else:
                 # With the digest, changed content is a new file to the open-file memos and st_ino.
                 key = f"{resource.api_path}:{child.server_path}:{child.digest or child.size}"
-                with self._lock:
-                    size = self._true_sizes.get(_size_key(child), child.size)
-                entries.append(Entry(name, False, size, mtime + _version_fraction(child), key, child))
+                entries.append(Entry(name, False, child.size, mtime + _version_fraction(child), key, child))
         return entries
 
     def _file_listing(self, resource: Resource) -> FileListing:
@@ -439,59 +424,28 @@ class XnatTransport(AbstractTransport):
 
     # -- content --------------------------------------------------------------------------
 
-    def _fetch(self, path: str, entry: Entry) -> str:
+    def _unit(self, path: str, entry: Entry) -> Unit | None:
+        """A file's unit is its resource (one ZIP); an experiment's resources are read together."""
         remote = entry.ref
         if not isinstance(remote, RemoteFile):
-            raise IsADirectoryError(path)
+            return None
         resource = remote.resource
         listing = self._file_listing(resource)
-
-        def fill(filler: Filler) -> None:
-            self._download_resource(resource, listing, filler)
-
-        local = self._cache_entry(resource, listing).get(remote.cache_path, fill, timeout=self.timeout)
-        self._check_size(path, entry, local)
-        return local
-
-    def _cache_entry(self, resource: Resource, listing: FileListing) -> CacheEntry:
-        """Return the cache entry holding ``resource`` as ``listing`` describes it."""
-        scan = resource.scan_id or ""
-        key = (
-            "xnat",
-            self.server_url,
-            resource.project,
-            resource.experiment_id,
-            scan,
-            resource.resource_id or resource.label,
-        )
-        return self.cache.entry(key, listing.version)
-
-    def _check_size(self, path: str, entry: Entry, local: str) -> None:
-        """When the downloaded file's size differs from the listed one, the bytes win: the listing
-        entry gets the true size and the change listeners (the mount) are told."""
-        try:
-            size = os.path.getsize(local)
-        except OSError:
-            return
-        if size == entry.size:
-            return
-        log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
-        parent, name = posixpath.split(path)
-        with self._lock:
-            self._true_sizes[_size_key(entry.ref)] = size
-            cached = self._listings.get(parent)
-            if cached is not None and name in cached.entries:
-                entries = {**cached.entries, name: dataclasses.replace(cached.entries[name], size=size)}
-                self._listings[parent] = dataclasses.replace(cached, entries=entries)
-        self.changed(path)
-
-    def _unit_of(self, path: str, entry: Entry) -> tuple[str, str] | None:
-        """A resource's ``files`` folder is one download; an experiment's resources are read together."""
         parts = path.strip("/").split("/")
-        at = 7 if len(parts) > 8 and parts[3] == "scans" else 5 if len(parts) > 6 and parts[3] == "resources" else 0
-        if not at or parts[at] != "files" or not isinstance(entry.ref, RemoteFile):
-            return None
-        return _join(parts[: at + 1]), _join(parts[:3])
+        key = ("xnat", self.server_url, resource.project, resource.experiment_id, resource.scan_id or "")
+        return Unit(
+            key=(*key, resource.resource_id or resource.label),
+            version=listing.version,
+            member=remote.cache_path,
+            id=resource.api_path,
+            folder=_join(parts[: 7 if parts[3] == "scans" else 5]),  # the resource's folder
+            group=_join(parts[:3]),
+            size=listing.size,
+            ref=(resource, listing),
+        )
+
+    def _fill(self, unit: Unit, filler: Filler) -> None:
+        self._download_resource(*unit.ref, filler)
 
     def _download_resource(self, resource: Resource, listing: FileListing, filler: Filler) -> None:
         """Download ``resource`` as one ZIP and extract it into ``filler.staging`` as it arrives.
@@ -544,22 +498,11 @@ class XnatTransport(AbstractTransport):
         except ValueError as error:
             log.warning("%s: %s", remote.resource.api_path, error)
             return
-        target = os.path.join(filler.staging, remote.cache_path)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        partial = f"{target}.xnatfs-partial"
         try:
-            with self.session.stream(url) as chunks, open(partial, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-                    filler.progress()
-            os.rename(partial, target)
+            with self.session.stream(url) as chunks:
+                filler.write(remote.cache_path, chunks)
         except NotFoundError:
             log.warning("%s: listed but not on the server", url)
-            return
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-        filler.publish(remote.cache_path)
 
     # -- metadata and units of download (xattrs, prefetch) -----------------------------------
 
@@ -599,21 +542,6 @@ class XnatTransport(AbstractTransport):
             quoted = "/".join(quote_part(p) for p in remote.server_path.split("/"))
             found = {"xnat.uri": f"{remote.resource.api_path}/files/{quoted}", "xnat.digest": remote.digest}
         return {name: str(value) for name, value in found.items() if value not in (None, "")}
-
-    def content_unit(self, path: str) -> ContentUnit | None:
-        """Return the resource holding file ``path`` as its unit of download (None for a folder).
-
-        Lists the resource's files (cached), never downloads content. Raises FileNotFoundError.
-        """
-        remote = self.stat(path).ref
-        if not isinstance(remote, RemoteFile):
-            return None
-        resource = remote.resource
-        listing = self._file_listing(resource)
-        parts = path.strip("/").split("/")
-        label = _join(parts[: 7 if parts[3] == "scans" else 5])  # the resource's folder
-        size = sum(f.size for f in listing.files.values())
-        return ContentUnit(resource.api_path, label, self._cache_entry(resource, listing), remote.cache_path, size)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -756,7 +684,7 @@ def file_listing(resource: Resource, rows: list[dict[str, str]]) -> FileListing:
             node.setdefault(name, remote)
     signature = "\n".join(f"{p}\0{f.size}\0{f.digest}" for p, f in sorted(files.items()))
     version = hashlib.sha256(signature.encode("utf-8", "surrogateescape")).hexdigest()
-    return FileListing(files, tree, version)
+    return FileListing(files, tree, version, sum(f.size for f in files.values()))
 
 
 def zip_names(resource: Resource, listing: FileListing) -> dict[str, str]:
@@ -813,11 +741,6 @@ def server_url(url: str | None, netloc: str | None = None, root: str | None = No
     if not netloc:
         raise XnatfsError("an XNAT transport needs a server address")
     return f"https://{netloc}{(root or '').rstrip('/')}"
-
-
-def _size_key(remote: RemoteFile) -> tuple[str, str, str, int]:
-    """What a stale listed size is remembered by: the file and what its listing said."""
-    return (remote.resource.resource_id or remote.resource.api_path, remote.server_path, remote.digest, remote.size)
 
 
 def _join(parts: list[str]) -> str:

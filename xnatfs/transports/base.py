@@ -35,33 +35,32 @@ Paths are tree paths: absolute, ``/``-separated, as seen on the mount (``/P/S/E/
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
-import os
 import posixpath
-import queue
-import stat as stat_module
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
-from xnatfs.cache import Cache, Filler
-from xnatfs.catalog import Catalog
-from xnatfs.exceptions import ConnectionFailedError, ServerError, XnatfsError
+from xnatfs.cache import Filler
+from xnatfs.exceptions import ServerError, XnatfsError
+from xnatfs.transports.content import ContentCache
+from xnatfs.transports.entry import (  # noqa: F401 - names this module has always exported
+    PROBE_NAMES,
+    PROBE_PREFIXES,
+    ROOT,
+    ContentUnit,
+    Entry,
+    Unit,
+    is_probe_name,
+    normpath,
+)
+from xnatfs.transports.listings import DEFAULT_LISTING_JOBS, DOWN_RETRY_SECONDS, ListingCache  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LISTING_JOBS = 6
-# After the source failed to answer a listing, stale listings are served without asking it for this long.
-DOWN_RETRY_SECONDS = 10.0
-DEFAULT_PARALLEL_DOWNLOADS = 4
-# Set in threads that read ahead, so that their own fetches do not start more reading ahead.
-_reading_ahead = threading.local()
 
 
 class NoOtherInstance(Exception):
@@ -80,113 +79,7 @@ class AssociationFailed(XnatfsError):
     """A DICOM operation ended with a failure status (or the association broke during it)."""
 
 
-# Names that file managers and shells probe for in every folder. They never exist in an archive,
-# so they are answered ENOENT without asking the source.
-PROBE_NAMES = frozenset(
-    {
-        ".hidden",
-        ".DS_Store",
-        "._.DS_Store",
-        "desktop.ini",
-        "Desktop.ini",
-        "autorun.inf",
-        "Thumbs.db",
-        ".directory",
-        ".localized",
-        ".git",
-        ".svn",
-        ".hg",
-        ".xdg-volume-info",
-        ".Spotlight-V100",
-        ".metadata_never_index",
-        ".ql_disablethumbnails",
-        ".ql_disablecache",
-    }
-)
-PROBE_PREFIXES = (".Trash", "._", ".~lock.", ".goutputstream")
-
-
-def is_probe_name(name: str) -> bool:
-    """Return True for a name that file managers probe for and that no archive holds."""
-    return name in PROBE_NAMES or name.startswith(PROBE_PREFIXES)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One folder or file of a transport's tree.
-
-    ``size`` is the file size in bytes (``None`` while unknown, e.g. a PACS series not yet
-    retrieved); ``mtime`` seconds since the epoch; ``key`` a stable identity from the source
-    (server IDs) used for inode numbers; ``ref`` whatever the transport needs to find the object
-    again (not shown to users).
-    """
-
-    name: str
-    is_dir: bool
-    size: int | None = 0
-    mtime: float = 0.0
-    key: str = ""
-    ref: Any = field(default=None, compare=False, repr=False)
-
-    @property
-    def mode(self) -> int:
-        """Return ``st_mode`` for a read-only entry."""
-        return (stat_module.S_IFDIR | 0o555) if self.is_dir else (stat_module.S_IFREG | 0o444)
-
-
-ROOT = Entry(name="", is_dir=True, key="/")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """The unit of content that holds a file: what one fill brings into one cache entry (an XNAT
-    resource, a DICOM series). Returned by :meth:`AbstractTransport._unit`.
-
-    ``key`` and ``version`` name the cache entry (a new version is new content); ``member`` is the
-    file's path inside it; ``id`` identifies the unit to users and logs (e.g. a REST path);
-    ``folder`` is the unit's folder in the tree; ``group`` a folder whose units a reader walking it
-    wants one after the other (None: no download-ahead); ``size`` the bytes of the whole unit when
-    listed; ``ref`` whatever :meth:`AbstractTransport._fill` needs.
-    """
-
-    key: tuple[str, ...]
-    version: str
-    member: str
-    id: str
-    folder: str
-    group: str | None = None
-    size: int | None = None
-    ref: Any = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class ContentUnit:
-    """The unit of download that holds a file (an XNAT resource, a PACS series): reading any of
-    its files fills all of them into one cache entry.
-
-    ``id`` identifies the unit (e.g. the resource's REST path), ``label`` is shown to users (the
-    unit's folder in the tree), ``entry`` is its cache entry (a :class:`~xnatfs.cache.CacheEntry`)
-    and ``member`` the file's path inside it, ``size`` the bytes of the whole unit when listed.
-    """
-
-    id: str
-    label: str
-    entry: Any
-    member: str
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class _Listing:
-    """A folder's entries by name, when they were fetched (epoch seconds), and whether they came
-    from the persistent catalog without being revalidated since."""
-
-    entries: dict[str, Entry]
-    fetched: float
-    from_catalog: bool = False
-
-
-class AbstractTransport:
+class AbstractTransport(ListingCache, ContentCache):
     """Base class of every transport.
 
     Subclasses set the plug-in metadata (``name``, ``description``, ``authors``, ``version``,
@@ -231,84 +124,17 @@ class AbstractTransport:
         self.mode = mode
         self.read_directory_only = read_directory_only
         self.opts = dict(opts or {})
-        self.ttl = ttl = float(self.opts.get("ttl", self.default_ttl))
+        self.ttl = float(self.opts.get("ttl", self.default_ttl))
         self.timeout = float(self.opts.get("timeout", self.default_timeout))
-        size = int(self.opts.get("listing_cache_size", 100_000))
         self.offline = bool(self.opts.get("offline", False))
-        # Every listing with the time it was fetched; past the ttl it is revalidated, and it is
-        # served as it is when the source cannot be reached: a cached tree stays browsable offline.
-        self._listings: LRUCache[str, _Listing] = LRUCache(maxsize=size)
-        # stat() results by path (None: no such path), so a lookup is one dict access, not one per level.
-        self._stats: TTLCache[str, Entry | None] = TTLCache(maxsize=size, ttl=ttl)
-        # Where the content of recently opened files is (by entry key), so a repeat open skips the lookups.
-        # Short-lived: cache entries record their use (for eviction) only when looked up.
-        self._local: TTLCache[str, str] = TTLCache(maxsize=size, ttl=min(ttl, 30.0))
         self._lock = threading.Lock()
-        self._listing_locks: dict[str, threading.Lock] = {}
-        # Reading ahead: the last unit read per group, the groups already read ahead, the download pool.
-        self._parallel_downloads = int(self.opts.get("parallel_downloads", DEFAULT_PARALLEL_DOWNLOADS))
-        self._last_unit: LRUCache[str, str] = LRUCache(maxsize=1024)
-        self._read_ahead_groups: LRUCache[str, bool] = LRUCache(maxsize=1024)
-        self._download_slots = threading.BoundedSemaphore(max(1, self._parallel_downloads))
         self._change_listeners: list[Callable[[str], None]] = []
-        self.listing_jobs = max(int(self.opts.get("listing_jobs") or DEFAULT_LISTING_JOBS), 1)
-        # Transports hold one of these around each listing request: it bounds the requests in flight.
-        self._listing_slots = threading.BoundedSemaphore(self.listing_jobs)
-        # Read-ahead and revalidation run on up to listing_jobs daemon threads (never holding up an exit).
-        self._jobs: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
-        self._workers = 0
-        self._closed = False
-        self._queued: set[str] = set()  # keys waiting for (or in) read-ahead or revalidation
-        self._down_until = 0.0  # monotonic time until which the source is taken as unreachable
-        self._catalog: Catalog | None = None
-        self._unpersistable = False
-        self._cache: Cache | None = self.opts.get("cache")
-        # Sizes learned from content where the listing's was wrong or missing, by (entry key, listed size).
-        self._true_sizes: LRUCache[tuple[str, int | None], int] = LRUCache(maxsize=100_000)
+        size = int(self.opts.get("listing_cache_size", 100_000))
+        # stat() results by path (None: no such path), so a lookup is one dict access, not one per level.
+        self._stats: TTLCache[str, Entry | None] = TTLCache(maxsize=size, ttl=self.ttl)
+        self._init_listings(size)
+        self._init_content(size)
         self._setup()
-
-    @property
-    def cache(self) -> Cache:
-        """Return the cache of downloaded content: option ``cache``, else one in ``cache_dir``
-        (default :func:`~xnatfs.cache.default_cache_dir`) capped at ``cache_size`` bytes.
-        Built once, on first use (a transport whose content is local never builds one)."""
-        if self._cache is None:
-            with self._lock:
-                if self._cache is None:
-                    self._cache = Cache(self.opts.get("cache_dir"), self.opts.get("cache_size"))
-        return self._cache
-
-    @cache.setter
-    def cache(self, cache: Cache) -> None:
-        self._cache = cache
-
-    @property
-    def catalog(self) -> Catalog | None:
-        """Return the persistent catalog (None when disabled). Created on first use, since its
-        scope (source and user) is known only once the subclass has set itself up."""
-        if self._catalog is None and self.persistent_catalog:
-            where = self.opts.get("catalog")
-            if where is True:
-                cache = self.opts.get("cache")
-                where = getattr(cache, "directory", None) or self.opts.get("cache_dir")
-            if where:
-                self._catalog = Catalog(str(where), self.catalog_scope())
-        return self._catalog
-
-    def catalog_scope(self) -> str:
-        """Return what identifies this source as seen by this user, e.g. ``xnat|https://host|alice``."""
-        source = self.opts.get("url") or f"{self.netloc or ''}{self.root or ''}"
-        return f"{self.name}|{source}|{self.opts.get('user') or ''}"
-
-    def _encode_ref(self, ref: Any) -> Any:
-        """Return ``ref`` as plain JSON data for the catalog (raise TypeError if it cannot be)."""
-        if ref is None or isinstance(ref, (str, int, float, bool, list, dict)):
-            return ref
-        raise TypeError(f"{type(ref).__name__} refs are not JSON")
-
-    def _decode_ref(self, data: Any) -> Any:
-        """Return the ref that :meth:`_encode_ref` turned into ``data``."""
-        return data
 
     # -- primitives ---------------------------------------------------------------------------
 
@@ -340,22 +166,6 @@ class AbstractTransport:
         error; members announced before the error stay readable by those waiting for them.
         """
         raise NotImplementedError
-
-    def _fetch(self, path: str, entry: Entry) -> str:
-        """Return the path of a local file holding the complete content of file ``path``.
-
-        ``entry`` is the file's entry from its folder's listing. By default the file's unit is
-        filled into the cache (once); a transport whose content is local overrides this. May block
-        until the content has arrived; never returns a partial file.
-        """
-        unit = self._unit(path, entry)
-        if unit is None:
-            raise IsADirectoryError(path)
-        local = self.cache.entry(unit.key, unit.version).get(
-            unit.member, lambda filler: self._fill(unit, filler), timeout=self.timeout
-        )
-        self._learn_size(path, entry, local)
-        return local
 
     def _open_write(self, path: str, mode: str) -> IO[bytes]:
         """Return a writable file for ``path``; subclasses that can write implement it."""
@@ -427,21 +237,6 @@ class AbstractTransport:
             raise FileNotFoundError(path)
         return entry if entry.size is not None else self._sized(path, entry)
 
-    def _sized(self, path: str, entry: Entry) -> Entry:
-        """Return ``entry`` with its size when it was listed without one and its content is in the
-        cache (complete or staged), else as it is. Looked up on every call, locally: a size appears
-        as soon as a fill has brought the file, without another listing request."""
-        if entry.is_dir or entry.size is not None:
-            return entry
-        unit = self._unit(path, entry)
-        local = None if unit is None else self.cache.entry(unit.key, unit.version).staged_path(unit.member)
-        if local is None:
-            return entry
-        try:
-            return dataclasses.replace(entry, size=os.stat(local).st_size)
-        except OSError:  # evicted or published between the two calls
-            return entry
-
     def _lookup(self, path: str) -> Entry | None:
         """Return the entry of ``path`` (None: there is none), from its parent's listing.
 
@@ -501,106 +296,6 @@ class AbstractTransport:
         size = "size unknown" if entry.size is None else f"{entry.size} bytes"
         return f"{path}: file, {size}"
 
-    def fetch(self, path: str) -> str:
-        """Return the path of a local file with the complete content of ``path``.
-
-        Raises FileNotFoundError, IsADirectoryError, or an XnatfsError with the cause.
-        """
-        path = normpath(path)
-        return self._content(path, self.stat(path))
-
-    def _content(self, path: str, entry: Entry) -> str:
-        """Return the local file with the content of ``path``, whose entry is ``entry`` (see fetch)."""
-        if entry.is_dir:
-            raise IsADirectoryError(path)
-        if self._parallel_downloads > 0 and not getattr(_reading_ahead, "active", False):
-            self._note_read(path, entry)
-        return self._fetch(path, entry)
-
-    def _note_read(self, path: str, entry: Entry) -> None:
-        """Start reading ahead when a reader moves on to a second unit of one group."""
-        unit = self._unit(path, entry)
-        if unit is None or unit.group is None:
-            return
-        unit_path, group = unit.folder, unit.group
-        with self._lock:
-            previous = self._last_unit.get(group)
-            self._last_unit[group] = unit_path
-            start = previous not in (None, unit_path) and group not in self._read_ahead_groups
-            if start:
-                self._read_ahead_groups[group] = True
-        if start:
-            thread = threading.Thread(
-                target=self._download_group,
-                args=(group, {previous, unit_path}),
-                name="xnatfs-download-ahead",
-                daemon=True,
-            )
-            thread.start()
-
-    def _download_group(self, group: str, skip: set[str | None]) -> None:
-        """Download the units of ``group`` not in ``skip``, ``parallel_downloads`` at a time.
-
-        Each download is waited for through the unit's last file, so the bound holds for whole units.
-        Failures are left to the reader who will need that content (it gets the error then).
-        """
-        _reading_ahead.active = True
-        try:
-            last_file: dict[str, str] = {}
-            for root, _dirs, files in self.walk(group):
-                for name in files:
-                    path = f"{root.rstrip('/')}/{name}"
-                    unit = self._unit(path, self.stat(path))
-                    if unit is not None and unit.folder not in skip:
-                        last_file[unit.folder] = max(last_file.get(unit.folder, path), path)
-        except Exception as error:  # noqa: BLE001 - reading ahead is an optimisation
-            log.debug("reading ahead in %s stopped: %s", group, error)
-            return
-        # Daemon threads (a stopping mount does not wait for them), each holding a download slot.
-        for path in sorted(last_file.values()):
-            self._download_slots.acquire()
-            threading.Thread(target=self._fetch_ahead, args=(path,), name="xnatfs-download-ahead", daemon=True).start()
-
-    def _fetch_ahead(self, path: str) -> None:
-        _reading_ahead.active = True
-        try:
-            self.fetch(path)
-        except Exception as error:  # noqa: BLE001 - the reader who needs it will get the error
-            log.debug("reading ahead %s failed: %s", path, error)
-        finally:
-            self._download_slots.release()
-
-    def open_fd(self, path: str, entry: Entry | None = None) -> int:
-        """Return a file descriptor open for reading the complete content of ``path``.
-
-        ``entry`` is the path's entry when the caller has just looked it up (saves a lookup).
-        Retries when the content moved between fetch and open (a cache entry being published).
-        Raises as :meth:`fetch`.
-        """
-        path = normpath(path)
-        if entry is None:
-            entry = self.stat(path)
-        key = entry.key or path  # a source's key changes with the content (e.g. its digest)
-        with self._lock:
-            local = self._local.get(key)
-        if local is not None:
-            try:
-                return os.open(local, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                pass
-        for attempt in range(3):
-            local = self._content(path, entry)
-            try:
-                fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
-                continue
-            with self._lock:
-                self._local[key] = local
-            return fd
-        raise AssertionError("unreachable")
-
     def open(self, path: str, mode: str = "r") -> IO[bytes]:
         """Open ``path`` in binary ``mode``: ``r`` reads; ``w``, ``x`` and ``a`` write where supported."""
         base = mode.replace("b", "")
@@ -659,53 +354,6 @@ class AbstractTransport:
         self.stat(path)
         return {}
 
-    def content_unit(self, path: str) -> ContentUnit | None:
-        """Return the unit of download that holds file ``path``, or None for a folder or when
-        reading it never downloads (local content). Never downloads content (may list). Raises
-        FileNotFoundError."""
-        path = normpath(path)
-        entry = self.stat(path)
-        unit = None if entry.is_dir else self._unit(path, entry)
-        if unit is None:
-            return None
-        return ContentUnit(unit.id, unit.folder, self.cache.entry(unit.key, unit.version), unit.member, unit.size)
-
-    def _learn_size(self, path: str, entry: Entry, local: str) -> None:
-        """When the content's size differs from the listed one, the bytes win: the listing entry
-        gets the true size (kept across re-listings) and, when a size had been told, the change
-        listeners (the mount) are told."""
-        try:
-            size = os.path.getsize(local)
-        except OSError:
-            return
-        if size == entry.size:
-            return
-        if entry.size is not None:
-            log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
-        parent, name = posixpath.split(path)
-        with self._lock:
-            self._true_sizes[(entry.key, entry.size)] = size
-            cached = self._listings.get(parent)
-            if cached is not None and name in cached.entries:
-                entries = {**cached.entries, name: dataclasses.replace(cached.entries[name], size=size)}
-                self._listings[parent] = dataclasses.replace(cached, entries=entries)
-            self._stats.pop(path, None)
-        if entry.size is not None:
-            self.changed(path)
-
-    def _with_true_sizes(self, entries: list[Entry]) -> list[Entry]:
-        """Return ``entries`` with the sizes learned from content (see :meth:`_learn_size`)."""
-        if not self._true_sizes:
-            return entries
-        with self._lock:
-            found = [self._true_sizes.get((e.key, e.size)) for e in entries]
-        return [e if size is None else dataclasses.replace(e, size=size) for e, size in zip(entries, found)]
-
-    def is_cached(self, path: str) -> bool:
-        """Return True if reading file ``path`` now would not download (content local or cached)."""
-        unit = self.content_unit(path)
-        return unit is None or unit.entry is None or unit.entry.staged_path(unit.member) is not None
-
     def ping(self) -> bool:
         """Return True if the source answers a listing of its root now (not from the listing cache)."""
         try:
@@ -715,178 +363,8 @@ class AbstractTransport:
             return False
         return True
 
-    # -- listing cache ------------------------------------------------------------------------
-
-    def _listing(self, path: str) -> dict[str, Entry]:
-        """Return the entries of ``path`` by name: from memory or the catalog while fresh, else
-        fetched (one request for concurrent callers). A stale listing from the catalog is served at
-        once and revalidated in the background; a stale one is served as it is while the source is
-        down. Keys other than folder paths (a transport's bulk listings) work the same way."""
-        cached = self._cached(path)
-        now = time.time()
-        if cached is not None and now - cached.fetched < self.ttl:
-            return cached.entries
-        if cached is not None and (self.offline or time.monotonic() < self._down_until):
-            return cached.entries
-        if cached is not None and cached.from_catalog:
-            self._submit(path, revalidate=True)
-            return cached.entries
-        if self.offline:
-            raise ConnectionFailedError(f"{path}: not in the catalog, and the mount is offline")
-        self.check_not_down(path)
-        return self._refresh(path, cached)
-
-    def check_not_down(self, what: str) -> None:
-        """Raise ConnectionFailedError at once while the source is taken as unreachable (for a few
-        seconds after it failed to answer), so that a walk or a batch of reads of uncached data does
-        not wait ``timeout`` seconds per item; the first request after that tries again."""
-        left = self._down_until - time.monotonic()
-        if left > 0:
-            raise ConnectionFailedError(f"{what}: the source did not answer; trying again in {left:.0f} s")
-
-    def source_down(self) -> None:
-        """Record that the source failed to answer (see :meth:`check_not_down`)."""
-        self._down_until = time.monotonic() + DOWN_RETRY_SECONDS
-
-    def _cached(self, path: str) -> _Listing | None:
-        """Return the listing of ``path`` from memory, else from the catalog (then kept in memory)."""
-        with self._lock:
-            cached = self._listings.get(path)
-        if cached is not None or self.catalog is None:
-            return cached
-        stored = self.catalog.load(path)
-        if stored is None:
-            return None
-        fetched, rows = stored
-        try:
-            entries = {}
-            for name, is_dir, size, mtime, key, ref in rows:
-                entries[name] = Entry(str(name), bool(is_dir), size, float(mtime), str(key), self._decode_ref(ref))
-        except (TypeError, ValueError, KeyError) as error:
-            log.info("catalog: ignoring the listing of %s (%s)", path, error)
-            return None
-        cached = _Listing(entries, fetched, from_catalog=True)
-        with self._lock:
-            self._listings.setdefault(path, cached)
-            return self._listings[path]
-
-    def _refresh(self, path: str, stale: _Listing | None) -> dict[str, Entry]:
-        """Fetch the listing of ``path`` from the source and keep it (memory and catalog).
-
-        Concurrent calls for one path make one request. On a connection failure ``stale`` is served
-        when there is one.
-        """
-        with self._lock:
-            folder_lock = self._listing_locks.setdefault(path, threading.Lock())
-        with folder_lock:
-            with self._lock:
-                cached = self._listings.get(path)
-            if cached is not None and not cached.from_catalog and time.time() - cached.fetched < self.ttl:
-                return cached.entries  # fetched meanwhile by another caller
-            try:
-                fetched = time.time()
-                entries = self._with_true_sizes(self._list(path))
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
-                raise
-            except (XnatfsError, ConnectionError, TimeoutError) as error:
-                if isinstance(error, (ConnectionError, TimeoutError)):
-                    self.source_down()
-                if stale is None:
-                    raise
-                log.warning("%s: serving the last listing, the source failed: %s", path, error)
-                return stale.entries
-            self._down_until = 0.0
-            listing = {e.name: e for e in entries}
-            with self._lock:
-                self._listings[path] = _Listing(listing, fetched)
-                self._listing_locks.pop(path, None)
-            self._persist(path, fetched, entries)
-        if stale is not None and stale.from_catalog and stale.entries != listing and path.startswith("/"):
-            # A remount served the old listing first: what the kernel was told may be out of date.
-            with self._lock:
-                self._stats.clear()
-                self._local.clear()
-            self.changed(path)
-        return listing
-
-    def _persist(self, path: str, fetched: float, entries: list[Entry]) -> None:
-        """Write a listing to the catalog (not at all when its refs cannot be encoded)."""
-        catalog = self.catalog
-        if catalog is None or self._unpersistable:
-            return
-        try:
-            rows = [[e.name, e.is_dir, e.size, e.mtime, e.key, self._encode_ref(e.ref)] for e in entries]
-            catalog.store(path, fetched, rows)
-        except (TypeError, ValueError) as error:
-            log.info("catalog: listings of %s are kept in memory only (%s)", self.name, error)
-            self._unpersistable = True
-
-    # -- read-ahead ---------------------------------------------------------------------------
-
-    def _readahead_keys(self, path: str, entries: dict[str, Entry]) -> list[str]:
-        """Return the listings to fetch ahead once folder ``path`` has been listed by a caller.
-
-        Default: the listings of its sub-folders. A transport may name instead the listings its
-        sub-folders' listings are made of (e.g. bulk listings). Never more than one level: read-ahead
-        does not trigger read-ahead.
-        """
-        return [posixpath.join(path, e.name) for e in entries.values() if e.is_dir]
-
-    def _read_ahead(self, path: str, entries: dict[str, Entry]) -> None:
-        if self.offline or time.monotonic() < self._down_until:
-            return
-        try:
-            keys = self._readahead_keys(path, entries)
-        except Exception as error:  # read-ahead is an optimisation; never fail the listing for it
-            log.debug("%s: no read-ahead: %s", path, error)
-            return
-        now = time.time()
-        for key in keys:
-            with self._lock:
-                cached = self._listings.get(key)
-            if cached is not None and now - cached.fetched < self.ttl:
-                continue
-            self._submit(key)
-
-    def _submit(self, key: str, revalidate: bool = False) -> None:
-        """Fetch listing ``key`` in the background (once at a time per key)."""
-        with self._lock:
-            if key in self._queued or self._closed:
-                return
-            self._queued.add(key)
-            start = self._workers < self.listing_jobs
-            if start:
-                self._workers += 1
-        self._jobs.put((key, revalidate))
-        if start:
-            threading.Thread(target=self._work, name="xnatfs-listing", daemon=True).start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._background(*job)
-
-    def _background(self, key: str, revalidate: bool) -> None:
-        try:
-            if revalidate:
-                with self._lock:
-                    stale = self._listings.get(key)
-                self._refresh(key, stale)
-            else:
-                self._listing(key)
-        except Exception as error:
-            log.debug("%s: read-ahead failed: %s", key, error)
-        finally:
-            with self._lock:
-                self._queued.discard(key)
-
     def __enter__(self) -> AbstractTransport:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def normpath(path: str) -> str:
-    """Return ``path`` as an absolute tree path without ``.``/``..``/duplicate separators."""
-    path = posixpath.normpath("/" + path.lstrip("/"))
-    return "/" if path in ("/", "//") else path

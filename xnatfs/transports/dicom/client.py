@@ -102,7 +102,7 @@ class DimseClient:
         roles = [build_role(uid, scp_role=True) for uid in sop_classes]
         received: list[str] = []
         handlers = [(evt.EVT_C_STORE, _on_c_store, [filler, received])]
-        query = identifier("SERIES", StudyInstanceUID=ref.study_uid, SeriesInstanceUID=ref.series_uid)
+        query = dimse_query("SERIES", StudyInstanceUID=ref.study_uid, SeriesInstanceUID=ref.series_uid)
         final: Dataset | None = None
         with self._association(contexts, ext_neg=roles, evt_handlers=handlers) as assoc:
             try:
@@ -253,7 +253,7 @@ def _on_c_store(event: Event, filler: Filler, received: list[str]) -> int:
     return STATUS_SUCCESS
 
 
-def identifier(level: str, **keys: str) -> Dataset:
+def dimse_query(level: str, **keys: str) -> Dataset:
     """Return a C-FIND/C-GET identifier at ``level`` with ``keys`` (empty string: return this key)."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level

@@ -28,7 +28,7 @@ from xnatfs.transports.base import (
     Unit,
     normpath,
 )
-from xnatfs.transports.dicom.client import DEFAULT_CALLING_AET, DimseClient, identifier, parse_netloc
+from xnatfs.transports.dicom.client import DEFAULT_CALLING_AET, DimseClient, dimse_query, parse_netloc
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class DicomTransport(DimseClient, AbstractTransport):
     # -- listings -----------------------------------------------------------------------------
 
     def _list_patients(self) -> list[Entry]:
-        query = identifier("PATIENT", PatientID="", PatientName="")
+        query = dimse_query("PATIENT", PatientID="", PatientName="")
         found = self._find(PatientRootQueryRetrieveInformationModelFind, query)
         ids = sorted({str(ds.get("PatientID", "") or "") for ds in found})
         return [
@@ -159,7 +159,7 @@ class DicomTransport(DimseClient, AbstractTransport):
         ]
 
     def _list_studies(self, patient: _Patient) -> list[Entry]:
-        query = identifier(
+        query = dimse_query(
             "STUDY",
             PatientID=patient.patient_id,
             StudyInstanceUID="",
@@ -187,7 +187,7 @@ class DicomTransport(DimseClient, AbstractTransport):
         return entries
 
     def _list_series(self, study: _Study) -> list[Entry]:
-        query = identifier(
+        query = dimse_query(
             "SERIES",
             StudyInstanceUID=study.study_uid,
             SeriesInstanceUID="",
@@ -208,7 +208,7 @@ class DicomTransport(DimseClient, AbstractTransport):
         return entries
 
     def _list_instances(self, series: _Series) -> list[Entry]:
-        query = identifier(
+        query = dimse_query(
             "IMAGE",
             StudyInstanceUID=series.study_uid,
             SeriesInstanceUID=series.series_uid,

@@ -111,7 +111,7 @@ class XnatContent:
     def _open_write(self, path: str, mode: str) -> IO[bytes]:
         parts = path.strip("/").split("/")
         if len(parts) > 7 and parts[3] == "scans" and parts[5] == "resources" and parts[7] == "files":
-            scan_id = self.stat(join(parts[:5])).ref["ID"]
+            scan_id = self.stat(join(parts[:5])).ref.id
             label, rest = parts[6], parts[8:]
         elif len(parts) > 5 and parts[3] == "resources" and parts[5] == "files":
             scan_id, label, rest = None, parts[4], parts[6:]
@@ -124,7 +124,7 @@ class XnatContent:
             resource = self.stat(folder).ref  # an existing resource: addressed by its ID
         except FileNotFoundError:
             experiment = self.stat(join(parts[:3]))
-            resource = Resource(str(experiment.ref.get("project", "")), experiment.ref["ID"], scan_id, label)
+            resource = Resource(experiment.ref.project, experiment.ref.id, scan_id, label)
         file_url_path("/".join(rest))  # refuses at open a name XNAT could not store
         return _Upload(self, resource, "/".join(rest), path, mode)
 

@@ -3,12 +3,78 @@ and a resource's files listing; their JSON form for the catalog."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from xnatfs.names import safe_relpath, scan_folder
 from xnatfs.session import quote_part
+
+# Experiment types that have scans; others (subject assessors such as xnat:subjectVariablesData) do not.
+_IMAGE_SESSION_SUFFIX = "SessionData"
+
+
+def _text(row: dict[str, Any], field: str) -> str:
+    return str(row.get(field) or "")
+
+
+@dataclass(frozen=True)
+class ProjectRef:
+    """A project, from its row in ``/data/projects``."""
+
+    id: str
+    name: str = ""
+    secondary_id: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ProjectRef:
+        return cls(_text(row, "ID"), _text(row, "name"), _text(row, "secondary_ID"))
+
+
+@dataclass(frozen=True)
+class SubjectRef:
+    """A subject, from its row in ``/data/projects/{P}/subjects``."""
+
+    id: str
+    label: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> SubjectRef:
+        return cls(_text(row, "ID"), _text(row, "label"))
+
+
+@dataclass(frozen=True)
+class ExperimentRef:
+    """An experiment (imaging session or subject assessor) of ``project``, from its listing row."""
+
+    id: str
+    label: str = ""
+    project: str = ""
+    xsi_type: str = ""
+    date: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], project: str) -> ExperimentRef:
+        return cls(_text(row, "ID"), _text(row, "label"), project, _text(row, "xsiType"), _text(row, "date"))
+
+    @property
+    def has_scans(self) -> bool:
+        """Return True for an imaging session (the only experiments with scans)."""
+        return (self.xsi_type or _IMAGE_SESSION_SUFFIX).endswith(_IMAGE_SESSION_SUFFIX)
+
+
+@dataclass(frozen=True)
+class ScanRef:
+    """A scan of an experiment, from its row in ``/data/experiments/{E}/scans``."""
+
+    id: str
+    type: str = ""
+    series_description: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ScanRef:
+        return cls(_text(row, "ID"), _text(row, "type"), _text(row, "series_description"))
 
 
 @dataclass(frozen=True)
@@ -111,3 +177,41 @@ def file_listing(resource: Resource, rows: list[dict[str, str]]) -> FileListing:
     signature = "\n".join(f"{p}\0{f.size}\0{f.digest}" for p, f in sorted(files.items()))
     version = hashlib.sha256(signature.encode("utf-8", "surrogateescape")).hexdigest()
     return FileListing(files, tree, version, sum(f.size for f in files.values()))
+
+
+# Catalog tags of the references kept whole (a RemoteFile is kept as a list, see encode_ref).
+_TAGS: dict[str, type] = {
+    "$project": ProjectRef,
+    "$subject": SubjectRef,
+    "$experiment": ExperimentRef,
+    "$scan": ScanRef,
+    "$resource": Resource,
+}
+
+
+def encode_ref(ref: Any) -> Any:
+    """Return a reference as plain JSON data for the catalog (other values as they are)."""
+    if isinstance(ref, RemoteFile):
+        return {"$file": [dataclasses.asdict(ref.resource), ref.server_path, ref.cache_path, ref.size, ref.digest]}
+    for tag, cls in _TAGS.items():
+        if type(ref) is cls:
+            return {tag: dataclasses.asdict(ref)}
+    return ref
+
+
+def decode_ref(data: Any) -> Any:
+    """Return the reference :func:`encode_ref` turned into ``data``.
+
+    Raises ValueError for a listing row of an older catalog (rows are references now: that
+    listing is fetched anew), TypeError or KeyError for data that is no reference.
+    """
+    if isinstance(data, dict) and len(data) == 1:
+        ((tag, value),) = data.items()
+        if tag == "$file":
+            resource, server_path, cache_path, size, digest = value
+            return RemoteFile(Resource(**resource), str(server_path), str(cache_path), int(size), str(digest))
+        if tag in _TAGS:
+            return _TAGS[tag](**value)
+    if isinstance(data, dict) and data and all(isinstance(v, str) for v in data.values()):
+        raise ValueError("a listing row of an older catalog")
+    return data

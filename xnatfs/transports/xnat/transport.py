@@ -3,7 +3,6 @@ the rows; see :mod:`xnatfs.transports.xnat` for the layout."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,15 +15,23 @@ from xnatfs.exceptions import NotFoundError, ServerError
 from xnatfs.extract import ExtractLimits
 from xnatfs.names import scan_folder, unique_names
 from xnatfs.session import XnatSession, quote_part
-from xnatfs.transports.base import AbstractTransport, Entry
+from xnatfs.transports.base import AbstractTransport, Entry, normpath
 from xnatfs.transports.xnat.content import XnatContent
 from xnatfs.transports.xnat.names import join, parse_date, resource_names, server_url, version_fraction
-from xnatfs.transports.xnat.refs import FileListing, RemoteFile, Resource, file_listing
+from xnatfs.transports.xnat.refs import (
+    ExperimentRef,
+    FileListing,
+    ProjectRef,
+    RemoteFile,
+    Resource,
+    ScanRef,
+    SubjectRef,
+    decode_ref,
+    encode_ref,
+    file_listing,
+)
 
 log = logging.getLogger(__name__)
-
-# Experiment types that have scans; others (subject assessors such as xnat:subjectVariablesData) do not.
-_IMAGE_SESSION_SUFFIX = "SessionData"
 
 
 class XnatTransport(XnatContent, AbstractTransport):
@@ -72,19 +79,10 @@ class XnatTransport(XnatContent, AbstractTransport):
     # -- catalog refs ---------------------------------------------------------------------
 
     def _encode_ref(self, ref: Any) -> Any:
-        if isinstance(ref, RemoteFile):
-            return {"$file": [dataclasses.asdict(ref.resource), ref.server_path, ref.cache_path, ref.size, ref.digest]}
-        if isinstance(ref, Resource):
-            return {"$resource": dataclasses.asdict(ref)}
-        return super()._encode_ref(ref)
+        return super()._encode_ref(encode_ref(ref))
 
     def _decode_ref(self, data: Any) -> Any:
-        if isinstance(data, dict) and "$file" in data:
-            resource, server_path, cache_path, size, digest = data["$file"]
-            return RemoteFile(Resource(**resource), str(server_path), str(cache_path), int(size), str(digest))
-        if isinstance(data, dict) and "$resource" in data:
-            return Resource(**data["$resource"])
-        return data
+        return decode_ref(data)
 
     # -- listings -------------------------------------------------------------------------
 
@@ -100,7 +98,7 @@ class XnatTransport(XnatContent, AbstractTransport):
             return self._experiments(parts[0], self.stat(path))
         experiment = self.stat(join(parts[:3]))
         if len(parts) == 3:
-            if not str(experiment.ref.get("xsiType") or _IMAGE_SESSION_SUFFIX).endswith(_IMAGE_SESSION_SUFFIX):
+            if not experiment.ref.has_scans:
                 return [self._folder("resources", experiment)]  # e.g. xnat:subjectVariablesData: no scans
             return [self._folder("scans", experiment), self._folder("resources", experiment)]
         if parts[3] == "scans":
@@ -166,10 +164,10 @@ class XnatTransport(XnatContent, AbstractTransport):
         # per scan and resource); never anything below.
         keys = []
         for entry in entries.values():
-            eid = entry.ref.get("ID") if isinstance(entry.ref, dict) else None
-            if not eid:
+            if not isinstance(entry.ref, ExperimentRef) or not entry.ref.id:
                 continue
-            if str(entry.ref.get("xsiType") or _IMAGE_SESSION_SUFFIX).endswith(_IMAGE_SESSION_SUFFIX):
+            eid = entry.ref.id
+            if entry.ref.has_scans:
                 keys.append(f"{path}/{entry.name}/scans")
             keys += [f"\0resources\0{eid}", f"\0files\0{eid}"]
         return keys
@@ -183,7 +181,7 @@ class XnatTransport(XnatContent, AbstractTransport):
             for key in keys:
                 self.catalog.forget(key)
 
-    def _resource_level(self, parts: list[str], at: int, experiment: Entry, scan: dict | None) -> list[Entry]:
+    def _resource_level(self, parts: list[str], at: int, experiment: Entry, scan: ScanRef | None) -> list[Entry]:
         """List ``.../resources`` (``parts[at]`` absent), ``.../resources/{label}`` or below ``files``."""
         if len(parts) == at:
             return self._resources(experiment, scan)
@@ -200,71 +198,56 @@ class XnatTransport(XnatContent, AbstractTransport):
 
     def _projects(self) -> list[Entry]:
         rows = self._rows("/data/projects", "ID,secondary_ID,name,insert_date")
-        return self._entries(rows, "ID", lambda r: f"project:{r.get('ID')}")
+        return self._entries(rows, "ID", lambda r: f"project:{r.get('ID')}", ProjectRef.from_row)
 
     def _subjects(self, project: str) -> list[Entry]:
         rows = self._rows(f"/data/projects/{quote_part(project)}/subjects", "ID,label,insert_date")
-        return self._entries(rows, "label", lambda r: f"subject:{r.get('ID')}")
+        return self._entries(rows, "label", lambda r: f"subject:{r.get('ID')}", SubjectRef.from_row)
 
     def _experiments(self, project: str, subject: Entry) -> list[Entry]:
         bulk = self._raw(f"\0experiments\0{project}")
         if bulk is not None:
-            rows = [dict(r) for r in bulk if str(r.get("subject_ID") or "") == str(subject.ref.get("ID") or "")]
+            rows = [r for r in bulk if str(r.get("subject_ID") or "") == subject.ref.id]
         else:
             rows = self._rows(
-                f"/data/projects/{quote_part(project)}/subjects/{quote_part(subject.ref['ID'])}/experiments",
+                f"/data/projects/{quote_part(project)}/subjects/{quote_part(subject.ref.id)}/experiments",
                 "ID,label,date,insert_date,xsiType",
             )
-        for row in rows:
-            row["project"] = project
-        return self._entries(rows, "label", lambda r: f"experiment:{r.get('ID')}")
+        return self._entries(
+            rows, "label", lambda r: f"experiment:{r.get('ID')}", lambda r: ExperimentRef.from_row(r, project)
+        )
 
     def _scans(self, experiment: Entry) -> list[Entry]:
-        eid = experiment.ref["ID"]
+        eid = experiment.ref.id
         rows = self._rows(f"/data/experiments/{quote_part(eid)}/scans", "ID,type,series_description")
         for row in rows:
             row["folder"] = scan_folder(str(row.get("ID", "")), row.get("type"))
-        return self._entries(rows, "folder", lambda r: f"scan:{eid}/{r.get('ID')}", experiment.mtime)
+        return self._entries(rows, "folder", lambda r: f"scan:{eid}/{r.get('ID')}", ScanRef.from_row, experiment.mtime)
 
-    def _resources(self, experiment: Entry, scan: dict | None) -> list[Entry]:
-        eid = experiment.ref["ID"]
-        scan_id = None if scan is None else str(scan.get("ID", ""))
-        bulk = self._raw(f"\0resources\0{eid}")
+    def _resources(self, experiment: Entry, scan: ScanRef | None) -> list[Entry]:
+        ref: ExperimentRef = experiment.ref
+        scan_id = None if scan is None else scan.id
+        bulk = self._raw(f"\0resources\0{ref.id}")
         if bulk is not None:
             if scan_id is None:
                 rows = [dict(r) for r in bulk if r.get("category") == "resources"]
             else:
                 rows = [dict(r) for r in bulk if r.get("category") == "scans" and str(r.get("cat_id")) == scan_id]
         else:
-            path = f"/data/experiments/{quote_part(eid)}"
+            path = f"/data/experiments/{quote_part(ref.id)}"
             if scan_id is not None:
                 path += f"/scans/{quote_part(scan_id)}"
             rows = self._rows(path + "/resources")
         rows = [r for r in rows if r.get("xnat_abstractresource_id")]
         for row, name in zip(rows, resource_names(rows)):
             row["folder"] = name
-        entries = self._entries(
-            rows, "folder", lambda r: f"resource:{r.get('xnat_abstractresource_id')}", experiment.mtime
-        )
-        project = str(experiment.ref.get("project", ""))
-        return [
-            Entry(
-                e.name,
-                True,
-                mtime=e.mtime,
-                key=e.key,
-                ref=Resource(
-                    project,
-                    eid,
-                    scan_id,
-                    str(e.ref.get("label") or ""),
-                    str(e.ref["xnat_abstractresource_id"]),
-                    str(experiment.ref.get("label") or ""),
-                    "" if scan is None else str(scan.get("type") or ""),
-                ),
-            )
-            for e in entries
-        ]
+
+        def resource(row: dict[str, str]) -> Resource:
+            label, rid = str(row.get("label") or ""), str(row["xnat_abstractresource_id"])
+            return Resource(ref.project, ref.id, scan_id, label, rid, ref.label, "" if scan is None else scan.type)
+
+        key = lambda r: f"resource:{r.get('xnat_abstractresource_id')}"  # noqa: E731
+        return self._entries(rows, "folder", key, resource, experiment.mtime)
 
     def _files(self, resource: Resource, mtime: float, folder: list[str]) -> list[Entry]:
         """List one folder of a resource, from the resource's (cached) files listing."""
@@ -310,15 +293,16 @@ class XnatTransport(XnatContent, AbstractTransport):
         rows: list[dict[str, str]],
         name_field: str,
         key: Callable[[dict], str],
+        ref: Callable[[dict], Any],
         mtime: float | None = None,
     ) -> list[Entry]:
-        """Turn listing rows into folder entries with safe, unique names."""
+        """Turn listing rows into folder entries with safe, unique names and ``ref(row)`` as refs."""
         rows = sorted((r for r in rows if r.get(name_field)), key=lambda r: str(r[name_field]))
         names = unique_names(str(r[name_field]) for r in rows)
         entries = []
         for name, row in zip(names, rows):
             when = mtime if mtime is not None else parse_date(row.get("insert_date") or row.get("date"))
-            entries.append(Entry(name, True, mtime=when or self.started, key=key(row), ref=row))
+            entries.append(Entry(name, True, mtime=when or self.started, key=key(row), ref=ref(row)))
         return entries
 
     # -- metadata and units of download (xattrs, prefetch) -----------------------------------
@@ -330,32 +314,27 @@ class XnatTransport(XnatContent, AbstractTransport):
         Folders that are no server object (``scans``, ``resources``, ``files`` and below) say
         nothing. Never downloads content. Raises FileNotFoundError."""
         entry = self.stat(path)
-        parts = [] if path.strip("/") == "" else path.strip("/").split("/")
-        row = entry.ref if isinstance(entry.ref, dict) else {}
-        found: dict[str, str] = {}
-        if not parts:
+        ref = entry.ref
+        if normpath(path) == "/":
             return {"xnatfs.source": self.server_url}
-        if len(parts) == 1:
-            found = {"xnat.uri": f"/data/projects/{quote_part(row.get('ID', parts[0]))}", "xnat.id": row.get("ID")}
-            found.update({"xnat.name": row.get("name"), "xnat.secondary_ID": row.get("secondary_ID")})
-        elif len(parts) == 2:
-            project = quote_part(parts[0])
-            found = {"xnat.uri": f"/data/projects/{project}/subjects/{quote_part(row.get('ID', ''))}"}
-            found.update({"xnat.id": row.get("ID"), "xnat.label": row.get("label")})
-        elif len(parts) == 3:
-            found = {"xnat.uri": f"/data/experiments/{quote_part(row.get('ID', ''))}", "xnat.id": row.get("ID")}
-            found.update({"xnat.label": row.get("label"), "xnat.xsiType": row.get("xsiType")})
-            found["xnat.date"] = row.get("date")
-        elif len(parts) == 5 and parts[3] == "scans":
-            experiment = self.stat(join(parts[:3])).ref
-            found = {"xnat.uri": f"/data/experiments/{quote_part(experiment['ID'])}/scans/{quote_part(row['ID'])}"}
-            found.update({"xnat.id": row.get("ID"), "xnat.type": row.get("type")})
-            found["xnat.series_description"] = row.get("series_description")
-        elif isinstance(entry.ref, Resource):
-            resource = entry.ref
-            found = {"xnat.uri": resource.api_path, "xnat.id": resource.resource_id, "xnat.label": resource.label}
-        elif isinstance(entry.ref, RemoteFile):
-            remote = entry.ref
-            quoted = "/".join(quote_part(p) for p in remote.server_path.split("/"))
-            found = {"xnat.uri": f"{remote.resource.api_path}/files/{quoted}", "xnat.digest": remote.digest}
+        found: dict[str, str] = {}
+        if isinstance(ref, ProjectRef):
+            found = {"xnat.uri": f"/data/projects/{quote_part(ref.id)}", "xnat.id": ref.id}
+            found.update({"xnat.name": ref.name, "xnat.secondary_ID": ref.secondary_id})
+        elif isinstance(ref, SubjectRef):
+            project = quote_part(normpath(path).strip("/").split("/")[0])
+            found = {"xnat.uri": f"/data/projects/{project}/subjects/{quote_part(ref.id)}", "xnat.id": ref.id}
+            found["xnat.label"] = ref.label
+        elif isinstance(ref, ExperimentRef):
+            found = {"xnat.uri": f"/data/experiments/{quote_part(ref.id)}", "xnat.id": ref.id, "xnat.label": ref.label}
+            found.update({"xnat.xsiType": ref.xsi_type, "xnat.date": ref.date})
+        elif isinstance(ref, ScanRef):
+            experiment = self.stat(join(normpath(path).strip("/").split("/")[:3])).ref
+            found = {"xnat.uri": f"/data/experiments/{quote_part(experiment.id)}/scans/{quote_part(ref.id)}"}
+            found.update({"xnat.id": ref.id, "xnat.type": ref.type, "xnat.series_description": ref.series_description})
+        elif isinstance(ref, Resource):
+            found = {"xnat.uri": ref.api_path, "xnat.id": ref.resource_id, "xnat.label": ref.label}
+        elif isinstance(ref, RemoteFile):
+            quoted = "/".join(quote_part(p) for p in ref.server_path.split("/"))
+            found = {"xnat.uri": f"{ref.resource.api_path}/files/{quoted}", "xnat.digest": ref.digest}
         return {name: str(value) for name, value in found.items() if value not in (None, "")}

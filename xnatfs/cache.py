@@ -63,7 +63,7 @@ class Filler:
 
     def publish(self, member: str) -> None:
         """Announce that ``member`` (a relative path, already complete in ``staging``) is ready."""
-        self.entry._member_ready(member)
+        self.entry._wake_waiters()  # each waiter looks its own member up
         self.progress()
 
     def write(self, member: str, data: bytes | Iterable[bytes]) -> None:
@@ -217,7 +217,8 @@ class CacheEntry:
         if state.error is None:
             self.cache.after_fill(self)
 
-    def _member_ready(self, member: str) -> None:
+    def _wake_waiters(self) -> None:
+        """Wake the readers of this process waiting for members (a member was published)."""
         with self._cond:
             self._cond.notify_all()
 

@@ -16,7 +16,7 @@ from typing import Any
 from cachetools import LRUCache, TTLCache
 
 from xnatfs.cache import Cache
-from xnatfs.transports.entry import ContentUnit, Entry, normpath
+from xnatfs.transports.entry import ContentUnit, Entry, Unit, normpath
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class ContentCache:
         unit = self._unit(path, entry)
         if unit is None:
             raise IsADirectoryError(path)
+        self._note_read(unit)
         local = self.cache.entry(unit.key, unit.version).get(
             unit.member, lambda filler: self._fill(unit, filler), timeout=self.timeout
         )
@@ -107,14 +108,11 @@ class ContentCache:
         """Return the local file with the content of ``path``, whose entry is ``entry`` (see fetch)."""
         if entry.is_dir:
             raise IsADirectoryError(path)
-        if self._parallel_downloads > 0 and not getattr(_reading_ahead, "active", False):
-            self._note_read(path, entry)
         return self._fetch(path, entry)
 
-    def _note_read(self, path: str, entry: Entry) -> None:
+    def _note_read(self, unit: Unit) -> None:
         """Start reading ahead when a reader moves on to a second unit of one group."""
-        unit = self._unit(path, entry)
-        if unit is None or unit.group is None:
+        if unit.group is None or self._parallel_downloads <= 0 or getattr(_reading_ahead, "active", False):
             return
         unit_path, group = unit.folder, unit.group
         with self._lock:

@@ -212,8 +212,10 @@ class ContentCache:
             size = os.path.getsize(local)
         except OSError:
             return
-        if size == entry.size:
-            return
+        with self._lock:
+            known = self._true_sizes.get((entry.key, entry.size))
+        if size in (entry.size, known):
+            return  # as listed, or learned (and told) already: a reader holding the old entry
         if entry.size is not None:
             log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
         parent, name = posixpath.split(path)

@@ -15,10 +15,8 @@ from mounting import mounted
 from xnatfs.transports import UnknownSchemeError, get_transport
 
 PLUGIN = '''
-"""A third-party transport: a fixed in-memory tree, content written into the shared cache."""
-import os
-from xnatfs.transports import AbstractTransport, Entry
-from xnatfs.cache import Cache
+"""A third-party transport: a fixed in-memory tree, its content filled into the shared cache."""
+from xnatfs.transports import AbstractTransport, Entry, Unit
 
 TREE = {"/": ["greetings"], "/greetings": ["hello.txt", "big.bin"]}
 CONTENT = {"/greetings/hello.txt": b"hello from a plug-in\\n", "/greetings/big.bin": bytes(range(256)) * 4096}
@@ -32,10 +30,6 @@ class MemoryTransport(AbstractTransport):
     url = "https://example.invalid"
     schemes = ["memory"]
 
-    def __init__(self, netloc=None, root=None, mode="r", read_directory_only=False, opts=None):
-        super().__init__(netloc, root, mode, read_directory_only, opts)
-        self.cache = self.opts.get("cache") or Cache()
-
     def _list(self, path):
         if path not in TREE:
             raise FileNotFoundError(path)
@@ -46,17 +40,12 @@ class MemoryTransport(AbstractTransport):
             entries.append(Entry(name, data is None, size=len(data or b""), mtime=1e9, key="memory:" + full))
         return entries
 
-    def _fetch(self, path, entry):
-        def fill(filler):
-            for full, data in CONTENT.items():
-                name = full.strip("/").replace("/", "_")
-                tmp = os.path.join(filler.staging, "." + name)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.rename(tmp, os.path.join(filler.staging, name))
-                filler.publish(name)
+    def _unit(self, path, entry):  # one unit holds every file
+        return Unit(key=("memory", "all"), version="1", member=path.strip("/"), id="all", folder="/")
 
-        return self.cache.entry(("memory", "all"), "1").get(path.strip("/").replace("/", "_"), fill)
+    def _fill(self, unit, filler):
+        for path, data in CONTENT.items():
+            filler.write(path.strip("/"), data)
 '''
 
 
@@ -117,12 +106,12 @@ def test_local_folder_mount(tmp_path):
 
 CHANGING_PLUGIN = '''
 """A transport whose listings give stale sizes, as a server's listing can: the content it fetches, or
-a file that changes later, has another size. It says so by changed(path), as transports should."""
+a file that changes later, has another size. The base class corrects sizes learned from content; a
+change found outside a read the transport reports by changed(path), as transports should."""
 import os
 import threading
 import time
-from xnatfs.transports import AbstractTransport, Entry
-from xnatfs.cache import Cache
+from xnatfs.transports import AbstractTransport, Entry, Unit
 
 DATA = os.environ["CHANGING_PLUGIN_DATA"]  # grow.txt, shrink.txt and later.txt live here
 LISTED = {"grow.txt": 5, "shrink.txt": 50}  # what the listing says before a fetch
@@ -132,9 +121,7 @@ class ChangingTransport(AbstractTransport):
     name = "changing"
     schemes = ["changing"]
 
-    def __init__(self, netloc=None, root=None, mode="r", read_directory_only=False, opts=None):
-        super().__init__(netloc, root, mode, read_directory_only, opts)
-        self.cache = self.opts.get("cache") or Cache()
+    def _setup(self):
         self.sizes = dict(LISTED, **{"later.txt": os.path.getsize(os.path.join(DATA, "later.txt"))})
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -143,23 +130,13 @@ class ChangingTransport(AbstractTransport):
             raise FileNotFoundError(path)
         return [Entry(name, False, size=size, mtime=1e9, key=name) for name, size in self.sizes.items()]
 
-    def _fetch(self, path, entry):
+    def _unit(self, path, entry):
         name = path.strip("/")
-        with open(os.path.join(DATA, name), "rb") as f:
-            data = f.read()
+        return Unit(("changing", name), str(os.path.getsize(os.path.join(DATA, name))), name, name, "/")
 
-        def fill(filler):  # a file in staging must be complete: write, then rename
-            with open(os.path.join(filler.staging, "." + name), "wb") as out:
-                out.write(data)
-            os.rename(os.path.join(filler.staging, "." + name), os.path.join(filler.staging, name))
-            filler.publish(name)
-
-        local = self.cache.entry(("changing", name), str(len(data))).get(name, fill)
-        if self.sizes[name] != len(data):  # the listing was wrong: correct it, then say so
-            self.sizes[name] = len(data)
-            self.invalidate("/")
-            self.changed(path)
-        return local
+    def _fill(self, unit, filler):
+        with open(os.path.join(DATA, unit.member), "rb") as f:
+            filler.write(unit.member, f.read())
 
     def _watch(self):
         """later.txt changes outside any read: tell the mount, then leave an acknowledgement."""

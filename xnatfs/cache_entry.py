@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,8 +48,27 @@ class Filler:
 
     def publish(self, member: str) -> None:
         """Announce that ``member`` (a relative path, already complete in ``staging``) is ready."""
-        self.entry._wake_waiters()
+        self.entry._wake_waiters()  # each waiter looks its own member up
         self.progress()
+
+    def write(self, member: str, data: bytes | Iterable[bytes]) -> None:
+        """Write ``member`` (a relative path) into ``staging`` whole and publish it: the bytes go to
+        a temporary name that is renamed once complete, so no reader ever sees a partial file.
+        ``data`` is the content or an iterable of its chunks. Raises OSError (and whatever the
+        iterable raises); nothing of the member is left then."""
+        target = os.path.join(self.staging, member)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        partial = f"{target}.xnatfs-partial"
+        try:
+            with open(partial, "wb") as out:
+                for chunk in (data,) if isinstance(data, bytes) else data:
+                    out.write(chunk)
+                    self.progress()
+            os.rename(partial, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+        self.publish(member)
 
     def progress(self) -> None:
         """Say the fill is alive (other processes time out a fill that shows no progress)."""

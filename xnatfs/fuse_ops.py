@@ -24,6 +24,7 @@ from xnatfs import readbuf, xattrs
 from xnatfs.exceptions import XnatfsError
 from xnatfs.fuse import mfusepy
 from xnatfs.invalidate import KernelInvalidator
+from xnatfs.options import TTL
 from xnatfs.transports.base import AbstractTransport, Entry
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Operations(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, transport: AbstractTransport, ttl: float = 60.0) -> None:
+    def __init__(self, transport: AbstractTransport, ttl: float = TTL) -> None:
         self.transport = transport
         self.ttl = ttl
         self.uid = os.getuid()
@@ -243,13 +244,14 @@ class Operations(mfusepy.Operations):
     def _open_file(self, path: str) -> io.FileIO:
         """Return an open file with the content of ``path`` (kept for reads; fetched if needed)."""
         now = time.monotonic()
-        key = (path, self.transport.stat(path).key or path)  # a new key when the content changed on the server
+        entry = self.transport.stat(path)
+        key = (path, entry.key or path)  # a new key when the content changed on the server
         with self._files_lock:
             found = self._files.get(key)
             if found is not None and now - found[1] < self._files_ttl:
                 self._files.move_to_end(key)
                 return found[0]
-        file = io.FileIO(self.transport.open_fd(path), "r", closefd=True)
+        file = io.FileIO(self.transport.open_fd(path, entry), "r", closefd=True)  # looked up once
         with self._files_lock:
             self._files[key] = (file, now)
             while len(self._files) > MAX_OPEN_FILES:

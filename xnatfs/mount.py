@@ -24,6 +24,7 @@ from typing import Any
 from xnatfs.exceptions import XnatfsError
 from xnatfs.fuse import mfusepy
 from xnatfs.fuse_ops import Operations
+from xnatfs.options import TTL
 from xnatfs.transports.base import AbstractTransport
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def check_mountpoint(path: str) -> str:
 def run(
     transport: AbstractTransport,
     mountpoint: str,
-    ttl: float = 60.0,
+    ttl: float = TTL,
     fuse_options: dict[str, str | bool] | None = None,
     ready_fd: int | None = None,
 ) -> None:

@@ -24,6 +24,7 @@ from xnatfs.transports.base import (
     Entry,
     NoOtherInstance,
     RootIsNotDirectory,
+    Unit,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "get_transport",
     "transport_class",
     "transport_classes",
+    "Unit",
     "XnatTransport",
 ]
 

@@ -19,12 +19,11 @@ import errno
 import io
 import os
 import stat as stat_module
-from typing import IO, Any
+from typing import IO
 
 from xnatfs import __version__
 from xnatfs.transports.base import ROOT, AbstractTransport, Entry, RootIsNotDirectory, normpath
 
-DEFAULT_TTL = 1.0
 _WRITE_FLAGS = {
     "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
     "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
@@ -44,27 +43,19 @@ class FileTransport(AbstractTransport):
     options = ()  # command-line options of its own (xnatfs.options.Option)
     needs_credentials = False
     persistent_catalog = False  # the folder itself is at hand: a catalog could only be out of date
+    default_ttl = 1.0  # a local folder is cheap to list
+    hide_probe_names = False  # real dot-files
 
-    def __init__(
-        self,
-        netloc: str | None = None,
-        root: str | None = None,
-        mode: str = "r",
-        read_directory_only: bool = False,
-        opts: dict[str, Any] | None = None,
-    ) -> None:
+    def _setup(self) -> None:
         """Open the local folder ``root`` (an absolute path).
 
         Raises ValueError for a relative root or a remote host in the URL, FileNotFoundError if
         ``root`` does not exist, RootIsNotDirectory if it is not a folder and
         ``read_directory_only`` is set.
         """
-        opts = dict(opts or {})
-        opts.setdefault("ttl", DEFAULT_TTL)
-        super().__init__(netloc=netloc, root=root, mode=mode, read_directory_only=read_directory_only, opts=opts)
-        if netloc not in (None, "", "localhost"):
-            raise ValueError(f"file:// URLs name a local path; remote host {netloc!r} is not supported")
-        root = root or "/"
+        if self.netloc not in (None, "", "localhost"):
+            raise ValueError(f"file:// URLs name a local path; remote host {self.netloc!r} is not supported")
+        root = self.root or "/"
         if not os.path.isabs(root):
             raise ValueError(f"the root of a file transport must be an absolute path (got {root!r})")
         real = os.path.realpath(root)
@@ -72,7 +63,7 @@ class FileTransport(AbstractTransport):
             raise FileNotFoundError(errno.ENOENT, "root of the file transport does not exist", root)
         if os.path.isdir(real):
             self.base, self.single = real, None
-        elif read_directory_only:
+        elif self.read_directory_only:
             raise RootIsNotDirectory(f"{root} is not a folder")
         else:
             self.base, self.single = os.path.dirname(real), os.path.basename(real)
@@ -144,6 +135,19 @@ class FileTransport(AbstractTransport):
             raise FileNotFoundError(errno.ENOENT, "no such file", path)
         return real
 
+    def _lookup(self, path: str) -> Entry | None:
+        """Return the entry of ``path`` from the file itself (not from a listing); None for special
+        files and missing paths. Raises PermissionError outside the root."""
+        if path == "/":
+            return ROOT
+        try:
+            st = os.stat(self.real_path(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not (stat_module.S_ISDIR(st.st_mode) or stat_module.S_ISREG(st.st_mode)):
+            return None
+        return _entry(path.rsplit("/", 1)[-1], st)
+
     def _open_write(self, path: str, mode: str) -> IO[bytes]:
         """Return a binary file open for writing ``path``: mode ``w`` (truncate), ``x`` or ``a``.
 
@@ -158,47 +162,6 @@ class FileTransport(AbstractTransport):
         # O_NOFOLLOW: the resolved path must not have become a link since it was checked.
         fd = os.open(real, _WRITE_FLAGS[mode] | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         return io.FileIO(fd, "a" if mode == "a" else "w", closefd=True)
-
-    # -- derived, done directly on the local file system --------------------------------------
-
-    def stat(self, path: str) -> Entry:
-        """Return the entry of ``path`` from the file itself (not from a listing).
-
-        Raises FileNotFoundError (also for special files), PermissionError outside the root.
-        """
-        path = normpath(path)
-        if path == "/":
-            return ROOT
-        st = os.stat(self.real_path(path))
-        if not (stat_module.S_ISDIR(st.st_mode) or stat_module.S_ISREG(st.st_mode)):
-            raise FileNotFoundError(errno.ENOENT, "not a regular file or folder", path)
-        return _entry(path.rsplit("/", 1)[-1], st)
-
-    def exists(self, path: str) -> bool:
-        """Return True if ``path`` is a folder or file of the tree (False outside the root)."""
-        try:
-            self.stat(path)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            return False
-        return True
-
-    def isfile(self, path: str) -> bool:
-        """Return True if ``path`` is a regular file of the tree."""
-        try:
-            return not self.stat(path).is_dir
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            return False
-
-    def isdir(self, path: str) -> bool:
-        """Return True if ``path`` is a folder of the tree."""
-        try:
-            return self.stat(path).is_dir
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            return False
-
-    def info(self, path: str) -> str:
-        """Return a one-line description of ``path`` with its local location."""
-        return f"{super().info(path)} ({self.real_path(path)})"
 
     def metadata(self, path: str) -> dict[str, str]:
         """Return ``{"file.path": the real local path}`` of ``path``. Raises FileNotFoundError."""

@@ -62,6 +62,26 @@ def fuse_device_open_to_all() -> Iterator[None]:
         os.chmod("/dev/fuse", mode)
 
 
+@contextlib.contextmanager
+def code_reachable_by_all() -> Iterator[None]:
+    """Let other users traverse the folders above this checkout and the test's packages for the
+    test's duration (a CI clone may sit in a root-only temporary folder); restore their modes."""
+    changed: dict[str, int] = {}
+    for top in (REPO, SITE):
+        folder = top
+        while folder != os.path.dirname(folder):
+            mode = stat.S_IMODE(os.stat(folder).st_mode)
+            if folder not in changed and not mode & 0o001:
+                changed[folder] = mode
+                os.chmod(folder, mode | 0o001)
+            folder = os.path.dirname(folder)
+    try:
+        yield
+    finally:
+        for folder, mode in changed.items():
+            os.chmod(folder, mode)
+
+
 def as_user(user: pwd.struct_passwd, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {"HOME": user.pw_dir, "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "PYTHONPATH": USER_PATH}
     return subprocess.run(
@@ -83,7 +103,7 @@ def as_user(user: pwd.struct_passwd, *argv: str, env: dict[str, str] | None = No
 
 def test_ordinary_user_mounts_with_a_private_cache_and_unmounts(server, env, tmp_path):
     xnatfs = [SYSTEM_PYTHON, "-m", "xnatfs"]
-    with made_user() as user, fuse_device_open_to_all():
+    with made_user() as user, fuse_device_open_to_all(), code_reachable_by_all():
         mnt = os.path.join(user.pw_dir, "xnat")
         credentials = {"XNAT_USER": server.user, "XNAT_PASS": server.password}
         assert as_user(user, "mkdir", mnt).returncode == 0
@@ -112,7 +132,7 @@ def test_ordinary_user_mounts_with_a_private_cache_and_unmounts(server, env, tmp
 
 
 def test_another_user_cannot_reach_a_mounts_daemon(server, env, mnt, cache_dir):
-    with mounted(server.url, mnt, cache_dir, env), made_user() as user:
+    with mounted(server.url, mnt, cache_dir, env), made_user() as user, code_reachable_by_all():
         sockets = [e.path for e in os.scandir(os.path.join(cache_dir, "control-0"))]
         assert len(sockets) == 1
         probe = (

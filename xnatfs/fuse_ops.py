@@ -92,10 +92,6 @@ class Operations(mfusepy.Operations):
         self.mounted_at = time.time()
         self.on_ready: Callable[[], None] | None = None
         self.destroyed = False  # set when libfuse tears the file system down (unmount or signal)
-        # Sizes told to the kernel are always true (see getattr), so the kernel is asked not to send
-        # opens at all (an open costs a round trip through libfuse and Python per file): it then
-        # keeps page caches between opens, and reads find their file here.
-        self.no_open = True
         # The size last told to the kernel, per file path: how a change is to be told (see _on_change).
         self._told: dict[str, int] = {}
         self._reading = threading.local()  # the path this thread is answering a read for
@@ -201,45 +197,32 @@ class Operations(mfusepy.Operations):
     def open(self, path: str, fi: Any) -> int:
         if fi.flags & WRITE_FLAGS:
             raise mfusepy.FuseOSError(errno.EROFS)
-        if self.no_open:
-            # The kernel then sends no more opens and releases, keeps page caches, and reads
-            # come with the path alone (see read). Content is fetched on the first read.
-            raise mfusepy.FuseOSError(errno.ENOSYS)
-        fi.fh = self.transport.open_fd(path)
-        fi.keep_cache = 1  # the size the kernel knows is true, and content does not change while cached
-        return 0
+        # Sizes told to the kernel are always true (see getattr), so it is asked not to send opens at
+        # all (one costs a round trip through libfuse and Python per file): it then sends no more opens
+        # and releases, keeps page caches between opens, and reads come with the path alone (see
+        # read_buf). Content is fetched on the first read.
+        raise mfusepy.FuseOSError(errno.ENOSYS)
 
     @_errors
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        if not self.no_open:
-            return os.pread(fi.fh, size, offset)
-        self._reading.path = path
-        try:
-            file = self._open_file(path)  # this reference keeps the fd open while we read
-        finally:
-            self._reading.path = None
+        file = self._reading_file(path)  # this reference keeps the fd open while we read
         return os.pread(file.fileno(), size, offset)
 
     @_errors
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
         # libfuse reads from the descriptor after this returns (see xnatfs.readbuf): this thread keeps
         # the file referenced until its next read, so it is not closed (and its number reused) meanwhile.
-        if not self.no_open:
-            readbuf.answer_from_fd(bufpp, fi.fh, size, offset)
-            return 0
-        self._reading.path = path
-        try:
-            file = self._open_file(path)
-        finally:
-            self._reading.path = None
-        self._reading.file = file
+        self._reading.file = file = self._reading_file(path)
         readbuf.answer_from_fd(bufpp, file.fileno(), size, offset)
         return 0
 
-    def release(self, path: str, fi: Any) -> int:
-        if not self.no_open:
-            os.close(fi.fh)
-        return 0
+    def _reading_file(self, path: str) -> io.FileIO:
+        """Return the open file of ``path`` for a read; a change found meanwhile knows it is this read's."""
+        self._reading.path = path
+        try:
+            return self._open_file(path)
+        finally:
+            self._reading.path = None
 
     def _open_file(self, path: str) -> io.FileIO:
         """Return an open file with the content of ``path`` (kept for reads; fetched if needed)."""

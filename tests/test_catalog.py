@@ -179,13 +179,20 @@ def test_corrupt_catalog_files_are_ignored_and_fetched_again(tree, tmp_path):
     assert json.loads(root.read_text())["key"] == "/" and json.loads(project.read_text())["key"] == "/TREE"
 
 
-def test_server_down_mounts_from_the_catalog_serves_cached_data_and_reconnects(tree, tmp_path):
-    mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
-    env = credentials_env(tree)
+def walk_and_cache_one_file(tree, mnt: str, cache: str, env: dict) -> tuple:
+    """Mount, walk the tree (its listings go into the catalog) and read one file; return the walk, the
+    file read, a file of another resource (not read) and the content read."""
     with mounted(tree.url, mnt, cache, env):
         first = walk(mnt)
         cached, uncached = dicom_files(first)[0], dicom_files(first)[-1]
         content = cat(cached).stdout
+    return first, cached, uncached, content
+
+
+def test_server_down_mounts_from_the_catalog_serves_cached_data_and_reconnects(tree, tmp_path):
+    mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
+    env = credentials_env(tree)
+    first, cached, uncached, content = walk_and_cache_one_file(tree, mnt, cache, env)
     # Without a catalog, an unreachable server is the one-line error of before.
     tree.set_faults(refuse=True)
     os.makedirs(mnt, exist_ok=True)
@@ -218,10 +225,7 @@ def test_server_down_mounts_from_the_catalog_serves_cached_data_and_reconnects(t
 def test_offline_mount_never_contacts_the_server(tree, tmp_path):
     mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
     env = credentials_env(tree)
-    with mounted(tree.url, mnt, cache, env):
-        first = walk(mnt)
-        cached, uncached = dicom_files(first)[0], dicom_files(first)[-1]
-        content = cat(cached).stdout
+    first, cached, uncached, content = walk_and_cache_one_file(tree, mnt, cache, env)
     tree.clear_requests()
     with mounted(tree.url, mnt, cache, env, "--offline"):
         assert walk(mnt) == first

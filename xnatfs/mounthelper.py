@@ -2,11 +2,13 @@
 
     mount.xnatfs SOURCE MOUNTPOINT [-o k=v,...] [-s] [-f] [-n] [-v] [-t xnatfs]
 
-Options of xnatfs: ``cache_dir``, ``cache_size``, ``timeout``, ``ttl``, ``user``, ``credentials``
-(a file with the password, see :func:`read_credentials_file`), ``calling_aet``, ``log_file``,
-``verbose``, ``noxattrs``. Options that only mean something to mount(8) or systemd (``noauto``, ``nofail``,
-``_netdev``, ``defaults``, ``x-*``, ...) are dropped; every other option goes to FUSE. Returns once
-the mount is live (``xnatfs mount`` in the background), or exits non-zero with one line.
+Options of xnatfs: every option of ``xnatfs mount`` for the source, by the name of its value
+(``--cache-dir DIR`` is ``cache_dir=DIR``, ``--no-xattrs`` is ``no_xattrs`` or ``noxattrs``, a dicom://
+source's ``--calling-aet`` is ``calling_aet``), plus ``user`` and ``credentials`` (a file with the password,
+see :func:`read_credentials_file`), which the helper reads itself so that no password reaches argv. Options
+that only mean something to mount(8) or systemd (``noauto``, ``nofail``, ``_netdev``, ``defaults``, ``x-*``,
+...) are dropped; every other option goes to FUSE. Returns once the mount is live (``xnatfs mount`` in the
+background), or exits non-zero with one line.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from urllib.parse import urlsplit
 
 from xnatfs.exceptions import XnatfsError
 
-VALUED = {"cache_dir", "cache_size", "timeout", "ttl", "user", "credentials", "calling_aet", "log_file"}
-FLAGS = {"verbose", "noxattrs"}
+HELPER_OPTIONS = ("user", "credentials")  # read here: the password goes to the daemon's environment
+ALIASES = {"noxattrs": "no_xattrs"}
+# Options of `xnatfs mount` that an fstab line does not set.
+NOT_OPTIONS = {"help", "source", "mountpoint", "foreground", "fuse_options", "ready_fd"}
 # Meaningful to mount(8), systemd or the kernel's generic layer, not to xnatfs or FUSE.
 DROPPED = {"defaults", "noauto", "auto", "nofail", "_netdev", "users", "owner", "group", "nouser", "rw", "ro"}
 DROPPED_PREFIXES = ("x-", "comment=", "helper=")
@@ -31,18 +35,30 @@ class HelperError(XnatfsError):
     """Bad options or credentials for mount.xnatfs."""
 
 
-def split_options(text: str) -> tuple[dict[str, str], list[str]]:
+def mount_options(source: str) -> dict[str, argparse.Action]:
+    """Return the options ``xnatfs mount SOURCE`` takes (its transport's included), by their fstab name."""
+    from xnatfs.cli.mount import add_parsers
+
+    commands = argparse.ArgumentParser().add_subparsers()
+    add_parsers(commands, ["mount", source])
+    return {action.dest: action for action in commands.choices["mount"]._actions if action.dest not in NOT_OPTIONS}
+
+
+def split_options(text: str, source: str) -> tuple[dict[str, str], list[str]]:
     """Return ``(xnatfs options, FUSE options)`` from a mount(8) option string ``a=b,c,...``."""
+    known = mount_options(source)
     mine: dict[str, str] = {}
     fuse: list[str] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
-        if key in VALUED:
+        key = ALIASES.get(key, key)
+        action = known.get(key)
+        if key in HELPER_OPTIONS or (action is not None and action.nargs != 0):
             if not sep:
                 raise HelperError(f"option {key} needs a value ({key}=...)")
             mine[key] = value
-        elif key in FLAGS and not sep:
-            mine[key] = "1"
+        elif action is not None and not sep:
+            mine[key] = ""
         elif item in DROPPED or item.startswith(DROPPED_PREFIXES):
             continue
         else:
@@ -90,21 +106,12 @@ def read_credentials_file(path: str, source: str) -> tuple[str, str]:
 
 def xnatfs_argv(source: str, mountpoint: str, options: dict[str, str], fuse: list[str]) -> list[str]:
     """Return the ``xnatfs mount`` arguments for a helper call (never a password)."""
+    known = mount_options(source)
     argv = ["mount", source, mountpoint]
-    for key, flag in (
-        ("cache_dir", "--cache-dir"),
-        ("cache_size", "--cache-size"),
-        ("timeout", "--timeout"),
-        ("ttl", "--ttl"),
-        ("calling_aet", "--calling-aet"),
-        ("log_file", "--log-file"),
-    ):
-        if key in options:
-            argv += [flag, options[key]]
-    if "verbose" in options:
-        argv.append("-v")
-    if "noxattrs" in options:
-        argv.append("--no-xattrs")
+    for key, value in options.items():
+        if key in known:
+            flag = known[key].option_strings[-1]
+            argv += [flag, value] if known[key].nargs != 0 else [flag]
     if fuse:
         argv += ["-o", ",".join(fuse)]
     return argv
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-t", dest="type", default="xnatfs")
     args = parser.parse_args(argv)
     try:
-        options, fuse = split_options(",".join(args.options))
+        options, fuse = split_options(",".join(args.options), args.source)
         if args.f:
             return 0  # mount -f: pretend
         if "credentials" in options:

@@ -1,35 +1,32 @@
 """XNAT's REST routes of `xnatfs serve`, onto an Archive.
 
 `/data/archive/...` and `/REST/...` are routed like `/data/...`. The request handler is built from
-three parts besides the routes: the HTTP plumbing (:mod:`.http`), logging in (:mod:`.auth`) and the
-test hooks' faults (:mod:`.faults`). Stdlib only: a ThreadingHTTPServer, one daemon thread per connection.
+four parts besides the routes: the HTTP plumbing (:mod:`.http`), logging in (:mod:`.auth`), the
+test hooks' faults (:mod:`.faults`) and sending or receiving file content (:mod:`.files`).
+Stdlib only: a ThreadingHTTPServer, one daemon thread per connection.
 """
 
 from __future__ import annotations
 
-import mimetypes
-import os
-import sys
-import tempfile
-from collections.abc import Iterator
-from email.utils import formatdate
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from importlib import resources as package_files
-from pathlib import Path
 from urllib.parse import unquote, unquote_plus
 
 from .. import __version__
 from . import views
-from .archive import READ_CHUNK, AlreadyExists, Archive, InvalidName, copy_exactly
+from .archive import AlreadyExists, Archive, InvalidName
 from .auth import GUEST, Auth, Authentication
 from .faults import FaultInjection, TestHooks
+from .files import FileTransfer
 from .http import HttpError, HttpHandler
-from .importer import ImportFailed, import_dicom_zip
-from .model import Experiment, ResourceOwner, Scan
-from .zipstream import ZipMember, stream_zip
+from .importer import ImportFailed
+from .model import Experiment, Project, ResourceOwner, Scan, Subject
 
 XNAT_VERSION = "1.8.10"
 SCHEMAS = ("xnat", "xdat")
+# How a row of each top-level listing (/data/{kind}) shows an object.
+ROWS = {"projects": views.project_row, "subjects": views.subject_row, "experiments": views.experiment_row}
 
 
 class XnatHTTPServer(ThreadingHTTPServer):
@@ -62,7 +59,7 @@ class XnatHTTPServer(ThreadingHTTPServer):
         self.checksums = checksums  # XNAT's checksums setting: without it, file listings carry no digest
 
 
-class RequestHandler(FaultInjection, Authentication, HttpHandler):
+class RequestHandler(FileTransfer, FaultInjection, Authentication, HttpHandler):
     """XNAT's REST routes onto the archive."""
 
     server: XnatHTTPServer
@@ -157,54 +154,46 @@ class RequestHandler(FaultInjection, Authentication, HttpHandler):
             if self.command == "PUT":
                 raise HttpError(403, "guests cannot write")
             index = index.public()  # other projects are unknown to a guest: 404, as in XNAT
+        serve = {"projects": self._project, "subjects": self._subject, "experiments": self._experiment}
         match parts:
-            case ["projects"]:
-                self._listing("projects", [views.project_row(p) for p in index.projects.values()])
-            case ["subjects"]:
-                self._listing("subjects", [views.subject_row(s) for s in index.subjects.values()])
-            case ["experiments"]:
-                self._listing("experiments", [views.experiment_row(e) for e in index.experiments.values()])
-            case ["subjects", subject_id, *rest]:
-                subject = index.subjects.get(subject_id) or _missing(subject_id)
-                self._subject(subject, rest)
-            case ["experiments", experiment_id, *rest]:
-                experiment = index.experiments.get(experiment_id) or _missing(experiment_id)
-                self._experiment(experiment, rest)
-            case ["projects", project_id, *rest]:
-                project = index.projects.get(project_id) or _missing(project_id)
-                self._project(project, rest)
+            case [kind, *rest] if kind in serve:
+                objects = index.of_kind(kind)
+                self._collection(kind, list(objects.values()), objects.get, serve[kind], rest)
             case _:
                 raise HttpError(404)
 
-    def _project(self, project, rest: list[str]) -> None:
+    def _collection(self, kind: str, objects: list, find: Callable, serve: Callable, rest: list[str]) -> None:
+        """Serve `{kind}` (a listing of `objects`) or `{kind}/{key}/...` (`serve` the object `find(key)` gives)."""
+        match rest:
+            case []:
+                self._listing(kind, [ROWS[kind](item) for item in objects])
+            case [key, *more]:
+                serve(find(key) or _missing(key), more)
+
+    def _project(self, project: Project, rest: list[str]) -> None:
         match rest:
             case []:
                 self._send_json(views.project_items(project))
             case ["accessibility"]:
                 self._send_text(project.accessibility)
-            case ["subjects"]:
-                self._listing("subjects", [views.subject_row(s) for s in project.subjects.values()])
-            case ["subjects", key, *more]:
-                self._subject(project.subject(key) or _missing(key), more)
-            case ["experiments"]:
-                self._listing("experiments", [views.experiment_row(e) for e in project.experiments()])
-            case ["experiments", key, *more]:
-                self._experiment(project.experiment(key) or _missing(key), more)
-            case ["resources"] | ["files"]:
-                self._listing(None, [])  # the on-disk layout has no project-level resources
+            case ["subjects", *more]:
+                self._collection("subjects", list(project.subjects.values()), project.subject, self._subject, more)
             case _:
-                raise HttpError(404)
+                self._experiments_below(list(project.experiments()), project.experiment, rest)
 
-    def _subject(self, subject, rest: list[str]) -> None:
+    def _subject(self, subject: Subject, rest: list[str]) -> None:
+        if rest:
+            self._experiments_below(list(subject.experiments.values()), subject.experiment, rest)
+        else:
+            self._send_json(views.subject_items(subject))
+
+    def _experiments_below(self, experiments: list[Experiment], find: Callable, rest: list[str]) -> None:
+        """Serve what projects and subjects both hold: `experiments[/...]`, and no resources."""
         match rest:
-            case []:
-                self._send_json(views.subject_items(subject))
-            case ["experiments"]:
-                self._listing("experiments", [views.experiment_row(e) for e in subject.experiments.values()])
-            case ["experiments", key, *more]:
-                self._experiment(subject.experiment(key) or _missing(key), more)
+            case ["experiments", *more]:
+                self._collection("experiments", experiments, find, self._experiment, more)
             case ["resources"] | ["files"]:
-                self._listing(None, [])  # the on-disk layout has no subject-level resources
+                self._listing(None, [])  # the on-disk layout has no project- or subject-level resources
             case _:
                 raise HttpError(404)
 
@@ -273,130 +262,6 @@ class RequestHandler(FaultInjection, Authentication, HttpHandler):
     def _listing(self, kind: str | None, rows: list[dict]) -> None:
         columns = [c for c in self._query.get("columns", "").split(",") if c]
         self._send_json(views.result_set(rows, kind, columns))
-
-    def _files(self, resources: list) -> None:
-        """List the files of some resources, or (format=zip) stream them as an XNAT-style zip."""
-        checksums = self.server.archive.checksums
-        if self._query.get("format") != "zip":
-            unreadable = [r for r in resources if r.meta.get("catalog_unreadable")]
-            if unreadable:  # XNAT fails the whole listing when one catalog file cannot be read
-                raise HttpError(404, f"Unable to read the catalog of resource {unreadable[0].xnat_id}")
-            digests = checksums if self.server.checksums else None
-            rows = [views.file_row(r, entry, digests) for r in resources for entry in r.files()]
-            if self._query.get("all") == "true":  # bulk listings give URIs without the /data prefix
-                for row in rows:
-                    row["URI"] = row["URI"].removeprefix("/data")
-            self._listing(None, rows)
-            return
-        members = [ZipMember(r.zip_name(entry.path), entry) for r in resources for entry in r.files()]
-        if not members:
-            raise HttpError(404, "No files match the selection")
-        asked = None if self.server.ignore_compression_param else self._query.get("compression")
-        try:
-            level = int(asked or self.server.zip_compression)
-        except ValueError as error:
-            raise HttpError(400, "compression must be a number 0-9") from error
-        if not 0 <= level <= 9:
-            raise HttpError(400, "compression must be a number 0-9")
-        self._start(
-            200,
-            {
-                "Content-Type": "application/zip",
-                "Content-Disposition": f'attachment; filename="{resources[0].experiment.label}.zip"',
-                "Transfer-Encoding": "chunked",
-            },
-            0 if self.command == "HEAD" else None,
-        )
-        if self.command == "HEAD":
-            return
-        hooks = self.server.hooks
-        drop_after = hooks.drop_after_bytes if hooks else None
-        try:
-            for chunk in stream_zip(_refuse_duplicates(members), checksums.crc32, level):
-                for piece in self._paced(chunk):
-                    if drop_after is not None and self._sent + len(piece) >= drop_after:
-                        self._write_chunk(piece[: drop_after - self._sent])
-                        self._abort()
-                        return
-                    self._write_chunk(piece)
-        except DuplicateEntry as error:
-            # Java's ZipOutputStream throws mid-stream; XNAT then drops the connection.
-            print(f"xnatfs serve: ZIP broken off: {error}", file=sys.stderr, flush=True)
-            self._abort()
-            return
-        self._record(self._sent)
-        self.wfile.write(b"0\r\n\r\n")
-
-    def _file(self, resources: list, path: list[str]) -> None:
-        """GET/HEAD one file of the first of `resources` that has it, sent from disk with its length."""
-        targets = [self.server.archive.safe_path(r.directory, path) for r in resources]
-        target = next((t for t in targets if t.is_file()), None)
-        if target is None:
-            raise HttpError(404, f"{'/'.join(path)} not found")
-        with open(target, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-            headers = {
-                "Content-Type": content_type,
-                "Content-Length": str(info.st_size),
-                "Last-Modified": formatdate(info.st_mtime, usegmt=True),
-            }
-            self._start(200, headers, 0 if self.command == "HEAD" else info.st_size)
-            if self.command == "HEAD":
-                return
-            if self.server.hooks and self.server.hooks.throttle:
-                while chunk := handle.read(READ_CHUNK):
-                    for piece in self._paced(chunk):
-                        self.wfile.write(piece)
-                        self._sent += len(piece)
-            else:
-                self._sent += self.connection.sendfile(handle, count=info.st_size)
-
-    def _upload(self, owner: ResourceOwner, resource_key: str, path: list[str]) -> None:
-        """PUT a file into a resource; an existing file without overwrite=true is reported, not replaced."""
-        if "Content-Length" not in self.headers:
-            raise HttpError(411, "Content-Length required")
-        if not path:
-            raise HttpError(400, "missing file name")
-        overwrite = self._query.get("overwrite", "false").lower() == "true"
-        length, self._body_left = self._body_left, 0
-        try:
-            stored = self.server.archive.write_file(owner, resource_key, path, self.rfile, length, overwrite)
-        except EOFError as error:
-            self.close_connection = True
-            raise HttpError(400, str(error)) from error
-        if stored:
-            self._send_text("")
-        else:
-            self._body_left = length  # not read: skipped or the connection closed afterwards
-            self._send_json({"duplicates": ["/".join(path)]})
-
-    def _import(self) -> None:
-        """POST /data/services/import: a zip of DICOM files becomes a session (see importer.py)."""
-        length, self._body_left = self._body_left, 0
-        with tempfile.NamedTemporaryFile(suffix=".zip") as upload:
-            try:
-                copy_exactly(self.rfile, upload, length)
-            except EOFError as error:
-                self.close_connection = True
-                raise HttpError(400, str(error)) from error
-            upload.flush()
-            uri = import_dicom_zip(self.server.archive, Path(upload.name), self._query)
-        self._send_text(uri + "\r\n")
-
-
-class DuplicateEntry(Exception):
-    """Two ZIP members with one name (XNAT's ZIP breaks off there)."""
-
-
-def _refuse_duplicates(members: list[ZipMember]) -> Iterator[ZipMember]:
-    """Yield the members; raise DuplicateEntry on reaching a name seen before (after streaming the others)."""
-    seen: set[str] = set()
-    for member in members:
-        if member.name in seen:
-            raise DuplicateEntry(f"duplicate entry: {member.name}")
-        seen.add(member.name)
-        yield member
 
 
 def split_path(path: str) -> list[str]:

@@ -231,7 +231,7 @@ class Experiment(ResourceOwner):
 
     def assessor(self, key: str) -> Assessor | None:
         """Return the assessor with this ID or label, or None."""
-        return self.assessors.get(key) or next((a for a in self.assessors.values() if a.label == key), None)
+        return _find(self.assessors, key)
 
 
 @dataclass(eq=False)
@@ -246,7 +246,7 @@ class Subject:
 
     def experiment(self, key: str) -> Experiment | None:
         """Return the experiment with this label or ID, or None."""
-        return self.experiments.get(key) or next((e for e in self.experiments.values() if e.id == key), None)
+        return _find(self.experiments, key)
 
 
 @dataclass(eq=False)
@@ -264,7 +264,7 @@ class Project:
 
     def subject(self, key: str) -> Subject | None:
         """Return the subject with this label or ID, or None."""
-        return self.subjects.get(key) or next((s for s in self.subjects.values() if s.id == key), None)
+        return _find(self.subjects, key)
 
     def experiments(self) -> Iterator[Experiment]:
         for subject in self.subjects.values():
@@ -273,6 +273,11 @@ class Project:
     def experiment(self, key: str) -> Experiment | None:
         """Return the experiment of this project with this label or ID, or None."""
         return next((e for e in self.experiments() if key in (e.label, e.id)), None)
+
+
+def _find(objects: dict, key: str):
+    """Return the object stored under `key`, else the one whose label or ID is `key`, else None."""
+    return objects.get(key) or next((o for o in objects.values() if key in (o.label, o.id)), None)
 
 
 @dataclass
@@ -289,3 +294,7 @@ class Index:
         subjects = {k: s for k, s in self.subjects.items() if s.project.id in projects}
         experiments = {k: e for k, e in self.experiments.items() if e.project.id in projects}
         return Index(projects, subjects, experiments)
+
+    def of_kind(self, kind: str) -> dict:
+        """Return the objects of one top-level kind ("projects", "subjects" or "experiments") by ID."""
+        return {"projects": self.projects, "subjects": self.subjects, "experiments": self.experiments}[kind]

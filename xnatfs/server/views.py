@@ -62,20 +62,27 @@ def subject_row(subject: Subject) -> dict:
     }
 
 
+def _experiment_data(item: Experiment | Assessor, session: Experiment, date: str | None) -> dict:
+    """The fields an experiments listing and an assessors listing share (XNAT's assessors are experiments)."""
+    return {
+        "ID": item.id,
+        "project": session.project.id,
+        "label": item.label,
+        "date": _text(date),
+        "xsiType": item.xsi_type,
+        "insert_date": session.insert_date,
+        "URI": item.uri,
+    }
+
+
 def experiment_row(experiment: Experiment) -> dict:
     meta = experiment.meta
     return {
-        "ID": experiment.id,
-        "project": experiment.project.id,
-        "label": experiment.label,
-        "date": _text(meta.get("date")),
+        **_experiment_data(experiment, experiment, meta.get("date")),
         "time": _text(meta.get("time")),
-        "xsiType": experiment.xsi_type,
         "modality": experiment.modality,
-        "insert_date": experiment.insert_date,
         "subject_ID": experiment.subject.id,
         "subject_label": experiment.subject.label,
-        "URI": experiment.uri,
     }
 
 
@@ -94,17 +101,9 @@ def scan_row(scan: Scan) -> dict:
 
 
 def assessor_row(assessor: Assessor) -> dict:
-    experiment = assessor.experiment
-    return {
-        "ID": assessor.id,
-        "project": experiment.project.id,
-        "label": assessor.label,
-        "date": _text(assessor.meta.get("date", experiment.meta.get("date"))),
-        "xsiType": assessor.xsi_type,
-        "insert_date": experiment.insert_date,
-        "session_ID": experiment.id,
-        "URI": assessor.uri,
-    }
+    session = assessor.experiment
+    date = assessor.meta.get("date", session.meta.get("date"))
+    return {**_experiment_data(assessor, session, date), "session_ID": session.id}
 
 
 def resource_row(resource: Resource) -> dict:
@@ -162,17 +161,14 @@ def _present(fields: dict) -> dict:
     return {key: value for key, value in fields.items() if value not in (None, "")}
 
 
+def _fields(row: dict, names: str, **more) -> dict:
+    """An object's data_fields: the listing row's fields named in `names` (space-separated) and `more`."""
+    return _present({**{name: row[name] for name in names.split()}, **more})
+
+
 def project_items(project: Project) -> dict:
     meta = project.meta
-    fields = _present(
-        {
-            "ID": project.id,
-            "secondary_ID": meta.get("secondary_ID"),
-            "name": meta.get("name", project.id),
-            "description": meta.get("description"),
-            "keywords": meta.get("keywords"),
-        }
-    )
+    fields = _fields(project_row(project), "ID secondary_ID name description", keywords=meta.get("keywords"))
     children = []
     investigator = _present({"firstname": meta.get("pi_firstname"), "lastname": meta.get("pi_lastname")})
     if investigator:
@@ -182,60 +178,35 @@ def project_items(project: Project) -> dict:
 
 
 def subject_items(subject: Subject) -> dict:
-    fields = _present(
-        {"ID": subject.id, "label": subject.label, "project": subject.project.id, "group": subject.meta.get("group")}
-    )
-    return items("xnat:subjectData", fields, subject.insert_date)
+    return items("xnat:subjectData", _fields(subject_row(subject), "ID label project group"), subject.insert_date)
 
 
 def experiment_items(experiment: Experiment) -> dict:
     meta = experiment.meta
-    fields = _present(
-        {
-            "ID": experiment.id,
-            "label": experiment.label,
-            "project": experiment.project.id,
-            "subject_ID": experiment.subject.id,
-            "date": meta.get("date"),
-            "time": meta.get("time"),
-            "modality": experiment.modality,
-            "UID": meta.get("UID"),
-            "scanner": meta.get("scanner"),
-            "note": meta.get("note"),
-        }
+    fields = _fields(
+        experiment_row(experiment),
+        "ID label project subject_ID date time modality",
+        UID=meta.get("UID"),
+        scanner=meta.get("scanner"),
+        note=meta.get("note"),
     )
     return items(experiment.xsi_type, fields, experiment.insert_date)
 
 
 def scan_items(scan: Scan) -> dict:
-    row = scan_row(scan)
-    fields = _present(
-        {
-            "ID": scan.id,
-            "type": scan.type,
-            "UID": scan.meta.get("UID"),
-            "series_description": row["series_description"],
-            "quality": row["quality"],
-            "note": row["note"],
-            "frames": scan.meta.get("frames"),
-            "image_session_ID": scan.experiment.id,
-            "xnat_imagescandata_id": scan.numeric_id,
-        }
+    fields = _fields(
+        scan_row(scan),
+        "ID type series_description quality note xnat_imagescandata_id",
+        UID=scan.meta.get("UID"),
+        frames=scan.meta.get("frames"),
+        image_session_ID=scan.experiment.id,
     )
     return items(scan.xsi_type, fields, scan.experiment.insert_date)
 
 
 def assessor_items(assessor: Assessor) -> dict:
     experiment = assessor.experiment
-    fields = _present(
-        {
-            "ID": assessor.id,
-            "label": assessor.label,
-            "project": experiment.project.id,
-            "imageSession_ID": experiment.id,
-            "date": assessor.meta.get("date", experiment.meta.get("date")),
-        }
-    )
+    fields = _fields(assessor_row(assessor), "ID label project date", imageSession_ID=experiment.id)
     return items(assessor.xsi_type, fields, experiment.insert_date)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from mounting import force_unmount, is_mounted, xnatfs
 
 HELPER = os.path.join(os.path.dirname(sys.executable), "mount.xnatfs")
@@ -26,6 +28,7 @@ def test_helper_mounts_with_options_and_a_credentials_file(server_factory, tmp_p
     creds = credentials_file(tmp_path / "creds", own.user, PASSWORD)
     env = {k: v for k, v in os.environ.items() if k not in ("XNAT_USER", "XNAT_PASS")}
     options = f"noauto,x-systemd.automount,_netdev,cache_dir={cache},cache_size=1G,timeout=7,ttl=5,credentials={creds}"
+    options += ",noxattrs,listing_jobs=2"  # every option of xnatfs mount has an fstab name
     result = subprocess.run(
         [HELPER, own.url, mnt, "-o", options + ",default_permissions"], capture_output=True, text=True, env=env
     )
@@ -39,6 +42,10 @@ def test_helper_mounts_with_options_and_a_credentials_file(server_factory, tmp_p
         assert "default_permissions" in line  # FUSE options pass through
         argv = " ".join(open(f"/proc/{status['pid']}/cmdline").read().split("\0"))
         assert "--timeout 7 " in argv and "--ttl 5 " in argv and PASSWORD not in argv  # the user's own arguments
+        assert "--no-xattrs" in argv and "--listing-jobs 2 " in argv
+        with pytest.raises(OSError) as no_xattrs:
+            os.listxattr(os.path.join(mnt, "DEMO"))
+        assert no_xattrs.value.errno == errno.EOPNOTSUPP
     finally:
         assert xnatfs("umount", mnt).returncode == 0
         force_unmount(mnt)

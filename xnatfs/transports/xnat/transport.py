@@ -216,7 +216,7 @@ class XnatTransport(XnatContent, AbstractTransport):
                 "ID,label,date,insert_date,xsiType",
             )
         return self._entries(
-            rows, "label", lambda r: f"experiment:{r.get('ID')}", lambda r: ExperimentRef.from_row(r, project)
+            rows, "label", lambda r: f"experiment:{r.get('ID')}", lambda r: ExperimentRef.from_row(r, project=project)
         )
 
     def _scans(self, experiment: Entry) -> list[Entry]:

@@ -98,7 +98,7 @@ class Resource:
     experiment_label: str = ""
     scan_type: str = ""
 
-    @property
+    @functools.cached_property
     def api_path(self) -> str:
         """Return the resource's REST path, e.g. ``/data/experiments/E1/scans/2/resources/12345``."""
         base = f"/data/experiments/{quote_part(self.experiment_id)}"

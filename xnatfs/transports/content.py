@@ -24,7 +24,7 @@ DEFAULT_PARALLEL_DOWNLOADS = 4
 
 class ContentCache(TransportState):
     """Content of a transport through the cache (see the module's docstring). Needs ``stat``,
-    ``walk``, ``learned_size``, ``_unit`` and ``_fill``."""
+    ``walk``, ``_correct_size``, ``_unit`` and ``_fill``."""
 
     def _init_content(self) -> None:
         self._cache: Cache | None = self.opts.get("cache")
@@ -157,13 +157,13 @@ class ContentCache(TransportState):
 
     def _learn_size(self, path: str, entry: Entry, local: str) -> None:
         """When the content's size differs from the listed one, the bytes win: the listing entry
-        gets the true size (see ``learned_size``) and, when a size had been told, the change
+        gets the true size (see ``_correct_size``) and, when a size had been told, the change
         listeners (the mount) are told."""
         try:
             size = os.path.getsize(local)
         except OSError:
             return
-        if not self.learned_size(path, entry, size) or entry.size is None:
+        if not self._correct_size(path, entry, size) or entry.size is None:
             return
         log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
         self.changed(path)

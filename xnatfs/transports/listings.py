@@ -1,6 +1,6 @@
 """The listing cache of a transport: every folder listed once per ``ttl``, kept in memory and in the
-persistent catalog (:mod:`xnatfs.catalog`), served stale while the source is down, with the listings
-a walk will need next fetched ahead in parallel. Mixed into
+persistent catalog (:mod:`xnatfs.catalog`), served stale while the source is down, corrected by the
+sizes learned from content, with the listings a walk will need next fetched ahead in parallel. Mixed into
 :class:`~xnatfs.transports.base.AbstractTransport`.
 
 Keys are folder paths, or a transport's own bulk listings (keys that are not paths): both are
@@ -184,7 +184,7 @@ class ListingCache(TransportState):
             self.changed(path)
         return listing
 
-    def learned_size(self, path: str, entry: Entry, size: int) -> bool:
+    def _correct_size(self, path: str, entry: Entry, size: int) -> bool:
         """Record that file ``path``, listed as ``entry``, holds ``size`` bytes: the listing entry
         gets the true size, kept across re-listings while the source lists it as before. Returns
         True when that is news (neither as listed nor learned before)."""
@@ -201,7 +201,7 @@ class ListingCache(TransportState):
         return True
 
     def _with_true_sizes(self, entries: list[Entry]) -> list[Entry]:
-        """Return ``entries`` with the sizes learned from content (see :meth:`learned_size`)."""
+        """Return ``entries`` with the sizes learned from content (see :meth:`_correct_size`)."""
         if not self._true_sizes:
             return entries
         with self._lock:

@@ -3,8 +3,8 @@ and download-ahead (``parallel_downloads``) each run on one :class:`BoundedExecu
 
 from __future__ import annotations
 
-import collections
 import logging
+import queue
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -27,8 +27,8 @@ class BoundedExecutor:
     def __init__(self, workers: int, name: str) -> None:
         self.workers = workers
         self.name = name
-        self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[Hashable, Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[Hashable, Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
         self._keys: set[Hashable] = set()  # queued or running
         self._running = 0  # threads started and not ended
         self._closed = False
@@ -37,16 +37,14 @@ class BoundedExecutor:
     def submit(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> bool:
         """Queue ``fn(*args)``; return False (and queue nothing) when ``key`` is queued or running
         already, or the executor is shut down or has no workers."""
-        with self._cond:
+        with self._lock:
             if self._closed or self.workers <= 0 or key in self._keys:
                 return False
             self._keys.add(key)
-            self._queue.append((key, fn, args))
+            self._queue.put((key, fn, args))
             start = self._running < self.workers
             if start:
                 self._running += 1
-            else:
-                self._cond.notify()
         if start:
             threading.Thread(target=self._work, name=self.name, daemon=True).start()
         return True
@@ -57,27 +55,25 @@ class BoundedExecutor:
 
     def shutdown(self) -> None:
         """Drop the calls not started yet and accept no more; running ones finish in the background."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            for key, _fn, _args in self._queue:
-                self._keys.discard(key)
-            self._queue.clear()
-            self._cond.notify_all()
 
     def _work(self) -> None:
         self._local.worker = True
         while True:
-            with self._cond:
-                if not self._queue and not self._closed:
-                    self._cond.wait(IDLE_SECONDS)
-                if not self._queue:
-                    self._running -= 1
-                    return
-                key, fn, args = self._queue.popleft()
             try:
-                fn(*args)
+                key, fn, args = self._queue.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():  # (a call queued meanwhile counted on this thread)
+                        self._running -= 1
+                        return
+                continue
+            try:
+                if not self._closed:
+                    fn(*args)
             except Exception as error:  # noqa: BLE001 - see the class's docstring
                 log.debug("%s: %r failed: %s", self.name, key, error)
             finally:
-                with self._cond:
+                with self._lock:
                     self._keys.discard(key)

@@ -18,10 +18,10 @@ and files. Writing one means:
   - or :meth:`AbstractTransport._fetch` -- a local path already holding the file (a local folder).
 
 The base class owns the rest: the cache (:attr:`AbstractTransport.cache`, built once from the
-options; the one place that knows where content is: a read looks its path up in the listings, then
-its member in the cache, and nothing else remembers either), single-flight fills (one download per
-unit, however many readers and processes ask), member lookup, sizes learned from content (a listed
-size that was wrong, or not known), the listing cache with stale fallback, the persistent catalog
+options; the one place that knows where content is: a read looks its path up once, in the listings,
+and its unit's member in the cache), single-flight fills (one download per unit, however many
+readers and processes ask), member lookup, sizes learned from content (a listed size that was
+wrong, or not known), the listing cache with stale fallback, the persistent catalog
 and listing read-ahead (:mod:`xnatfs.transports.listings`), download-ahead across the units of a
 group and content units for prefetch (:mod:`xnatfs.transports.content`), and the derived methods
 the mount, the download API and the CLI use: :meth:`listdir`, :meth:`stat`, :meth:`exists`,

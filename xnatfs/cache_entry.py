@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -139,11 +140,15 @@ class CacheEntry:
     def _lookup(self, member: str) -> str | None:
         """Return the path of ``member`` if the entry is complete (raise if it lacks it)."""
         final = os.path.join(self.path, member)
-        if os.path.isdir(self.path):
-            if not os.path.isfile(final):
-                raise FileNotFoundError(errno.ENOENT, "not in the downloaded content", member)
+        try:
+            found = stat.S_ISREG(os.stat(final).st_mode)  # one system call for the usual answer
+        except (FileNotFoundError, NotADirectoryError):
+            found = False
+        if found:
             self.cache.touch(self)
             return final
+        if os.path.isdir(self.path):
+            raise FileNotFoundError(errno.ENOENT, "not in the downloaded content", member)
         return None
 
     def _start_fill(self, fill: FillFunction) -> bool:

@@ -18,17 +18,21 @@ and files. Writing one means:
   - or :meth:`AbstractTransport._fetch` -- a local path already holding the file (a local folder).
 
 The base class owns the rest: the cache (:attr:`AbstractTransport.cache`, built once from the
-options), single-flight fills (one download per unit, however many readers and processes ask),
-member lookup, sizes learned from content (a listed size that was wrong, or not known), the
-listing cache with stale fallback, the persistent catalog and listing read-ahead
-(:mod:`xnatfs.transports.listings`), download-ahead across the units of a group, content units for
-prefetch, and the derived methods the mount, the download API and the CLI use: :meth:`listdir`,
-:meth:`stat`, :meth:`exists`, :meth:`isfile`, :meth:`isdir`, :meth:`walk`, :meth:`info`,
-:meth:`open` and :meth:`fetch`. ``exists``/``isfile``/``isdir`` answer False for any OSError.
+options; the one place that knows where content is: a read looks its path up once, in the listings,
+and its unit's member in the cache), single-flight fills (one download per unit, however many
+readers and processes ask), member lookup, sizes learned from content (a listed size that was
+wrong, or not known), the listing cache with stale fallback, the persistent catalog
+and listing read-ahead (:mod:`xnatfs.transports.listings`), download-ahead across the units of a
+group and content units for prefetch (:mod:`xnatfs.transports.content`), and the derived methods
+the mount, the download API and the CLI use: :meth:`listdir`, :meth:`stat`, :meth:`exists`,
+:meth:`isfile`, :meth:`isdir`, :meth:`walk`, :meth:`info`, :meth:`open` and :meth:`fetch`.
+``exists``/``isfile``/``isdir`` answer False for any OSError.
 
-Download-ahead: when a reader moves on to a second unit of one group (``Unit.group``, e.g. an
-experiment for ``cp -r``), the group's other units are downloaded in the background, a bounded
-number at a time (option ``parallel_downloads``, default 4; 0 turns it off).
+Background work runs on two bounded executors (:mod:`xnatfs.transports.executor`), never on a
+thread per item: listing read-ahead and revalidation on ``listing_jobs`` threads at most, and
+download-ahead on ``parallel_downloads``: when a reader moves on to a second unit of one group
+(``Unit.group``, e.g. an experiment for ``cp -r``), the group is walked and its other units are
+downloaded in the background (option ``parallel_downloads``, default 4; 0 turns it off).
 
 Paths are tree paths: absolute, ``/``-separated, as seen on the mount (``/P/S/E/scans``).
 """
@@ -84,15 +88,18 @@ class AbstractTransport(ListingCache, ContentCache):
     """Base class of every transport.
 
     Subclasses set the plug-in metadata (``name``, ``description``, ``authors``, ``version``,
-    ``url``, ``schemes``) and implement :meth:`_list` and :meth:`_fetch`; a writable transport
-    also implements :meth:`_open_write`.
+    ``url``, ``schemes``) and implement the primitives of the module's docstring: :meth:`_list`,
+    and :meth:`_unit` with :meth:`_fill` (or :meth:`_fetch`); a writable transport also implements
+    :meth:`_open_write`.
 
     Options (``opts``) understood by every transport: ``ttl`` (seconds a listing is trusted,
-    default 60), ``listing_cache_size`` (folders kept in memory, default 100,000), ``listing_jobs``
-    (listing requests in flight at most, for read-ahead and callers together; default 6),
-    ``catalog`` (True, or a folder: keep every listing on disk, see :mod:`xnatfs.catalog`; True
-    puts it in the ``cache``'s folder), ``offline`` (never contact the source: listings from the
-    catalog only).
+    default 60), ``timeout`` (seconds a network wait may last, default 30), ``listing_cache_size``
+    (folders kept in memory, default 100,000), ``listing_jobs`` (listing requests in flight at
+    most, for read-ahead and callers together; default 6), ``parallel_downloads`` (units downloaded
+    ahead at a time, default 4), ``cache`` (a :class:`~xnatfs.cache.Cache`) or ``cache_dir`` and
+    ``cache_size``, ``catalog`` (True, or a folder: keep every listing on disk, see
+    :mod:`xnatfs.catalog`; True puts it in the ``cache``'s folder), ``offline`` (never contact the
+    source: listings from the catalog only).
     """
 
     name: ClassVar[str] = "abstract"
@@ -134,7 +141,7 @@ class AbstractTransport(ListingCache, ContentCache):
         # stat() results by path (None: no such path), so a lookup is one dict access, not one per level.
         self._stats: TTLCache[str, Entry | None] = TTLCache(maxsize=size, ttl=self.ttl)
         self._init_listings(size)
-        self._init_content(size)
+        self._init_content()
         self._setup()
 
     # -- primitives ---------------------------------------------------------------------------
@@ -174,11 +181,8 @@ class AbstractTransport(ListingCache, ContentCache):
 
     def close(self) -> None:
         """Release connections and other resources held by the transport (subclasses call this too)."""
-        with self._lock:
-            self._closed = True
-            workers, self._workers = self._workers, 0
-        for _ in range(workers):
-            self._jobs.put(None)
+        self._listing_pool.shutdown()
+        self._download_pool.shutdown()
 
     def _check_source(self) -> None:
         """Check that the source answers (and accepts the credentials); raise the error otherwise."""
@@ -314,34 +318,12 @@ class AbstractTransport(ListingCache, ContentCache):
         """Forget the cached listing of folder ``path`` (of every folder when None)."""
         with self._lock:
             self._stats.clear()
-            self._local.clear()
             if path is None:
                 self._listings.clear()
             else:
                 self._listings.pop(normpath(path), None)
         if path is not None and self.catalog is not None:
             self.catalog.forget(normpath(path))
-
-    def add_change_listener(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener(path)`` whenever what was said about ``path`` changes after the fact
-        (e.g. a size learned from downloaded content). The mount uses it to make the kernel drop
-        the attributes and pages it keeps for that path."""
-        self._change_listeners.append(listener)
-
-    def changed(self, path: str) -> None:
-        """Forget what is cached about ``path`` here and tell the change listeners.
-
-        A transport calls it when an entry's attributes turn out different from what it listed.
-        """
-        path = normpath(path)
-        with self._lock:
-            self._stats.pop(path, None)
-            self._local.clear()
-        for listener in list(self._change_listeners):
-            try:
-                listener(path)
-            except Exception as error:  # a listener must not break the read that found the change
-                log.warning("%s: change listener failed: %s", path, error)
 
     # -- what the source says about a path (xattrs, prefetch, status) ---------------------------
 

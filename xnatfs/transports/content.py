@@ -9,45 +9,31 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import posixpath
-import threading
-from typing import Any
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 
 from xnatfs.cache import Cache
 from xnatfs.transports.entry import ContentUnit, Entry, Unit, normpath
+from xnatfs.transports.executor import BoundedExecutor
+from xnatfs.transports.state import TransportState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL_DOWNLOADS = 4
-# Set in threads that read ahead, so that their own fetches do not start more reading ahead.
-_reading_ahead = threading.local()
 
 
-class ContentCache:
+class ContentCache(TransportState):
     """Content of a transport through the cache (see the module's docstring). Needs ``stat``,
-    ``walk``, ``changed``, ``_unit``, ``_fill`` and the attributes below."""
+    ``walk``, ``_correct_size``, ``_unit`` and ``_fill``."""
 
-    opts: dict[str, Any]
-    ttl: float
-    timeout: float
-    _lock: threading.Lock
-    _stats: TTLCache[str, Entry | None]
-    _listings: LRUCache[str, Any]
-
-    def _init_content(self, size: int) -> None:
+    def _init_content(self) -> None:
         self._cache: Cache | None = self.opts.get("cache")
-        # Where the content of recently opened files is (by entry key), so a repeat open skips the lookups.
-        # Short-lived: cache entries record their use (for eviction) only when looked up.
-        self._local: TTLCache[str, str] = TTLCache(maxsize=size, ttl=min(self.ttl, 30.0))
-        # Sizes learned from content where the listing's was wrong or missing, by (entry key, listed size).
-        self._true_sizes: LRUCache[tuple[str, int | None], int] = LRUCache(maxsize=100_000)
-        # Reading ahead: the last unit read per group, the groups already read ahead, the download pool.
-        self._parallel_downloads = int(self.opts.get("parallel_downloads", DEFAULT_PARALLEL_DOWNLOADS))
+        # Download-ahead: the last unit read per group, the groups already read ahead, and the
+        # executor that walks those groups and downloads their units, parallel_downloads at a time.
         self._last_unit: LRUCache[str, str] = LRUCache(maxsize=1024)
         self._read_ahead_groups: LRUCache[str, bool] = LRUCache(maxsize=1024)
-        self._download_slots = threading.BoundedSemaphore(max(1, self._parallel_downloads))
+        parallel = int(self.opts.get("parallel_downloads", DEFAULT_PARALLEL_DOWNLOADS))
+        self._download_pool = BoundedExecutor(parallel, "xnatfs-download-ahead")
 
     @property
     def cache(self) -> Cache:
@@ -112,8 +98,8 @@ class ContentCache:
 
     def _note_read(self, unit: Unit) -> None:
         """Start reading ahead when a reader moves on to a second unit of one group."""
-        if unit.group is None or self._parallel_downloads <= 0 or getattr(_reading_ahead, "active", False):
-            return
+        if unit.group is None or self._download_pool.workers <= 0 or self._download_pool.in_worker():
+            return  # (reading ahead does not start more reading ahead)
         unit_path, group = unit.folder, unit.group
         with self._lock:
             previous = self._last_unit.get(group)
@@ -122,45 +108,22 @@ class ContentCache:
             if start:
                 self._read_ahead_groups[group] = True
         if start:
-            thread = threading.Thread(
-                target=self._download_group,
-                args=(group, {previous, unit_path}),
-                name="xnatfs-download-ahead",
-                daemon=True,
-            )
-            thread.start()
+            self._download_pool.submit(group, self._download_group, group, {previous, unit_path})
 
     def _download_group(self, group: str, skip: set[str | None]) -> None:
-        """Download the units of ``group`` not in ``skip``, ``parallel_downloads`` at a time.
+        """Download the units of ``group`` not in ``skip`` (each through its last file).
 
-        Each download is waited for through the unit's last file, so the bound holds for whole units.
         Failures are left to the reader who will need that content (it gets the error then).
         """
-        _reading_ahead.active = True
-        try:
-            last_file: dict[str, str] = {}
-            for root, _dirs, files in self.walk(group):
-                for name in files:
-                    path = f"{root.rstrip('/')}/{name}"
-                    unit = self._unit(path, self.stat(path))
-                    if unit is not None and unit.folder not in skip:
-                        last_file[unit.folder] = max(last_file.get(unit.folder, path), path)
-        except Exception as error:  # noqa: BLE001 - reading ahead is an optimisation
-            log.debug("reading ahead in %s stopped: %s", group, error)
-            return
-        # Daemon threads (a stopping mount does not wait for them), each holding a download slot.
+        last_file: dict[str, str] = {}
+        for root, _dirs, files in self.walk(group):
+            for name in files:
+                path = f"{root.rstrip('/')}/{name}"
+                unit = self._unit(path, self.stat(path))
+                if unit is not None and unit.folder not in skip:
+                    last_file[unit.folder] = max(last_file.get(unit.folder, path), path)
         for path in sorted(last_file.values()):
-            self._download_slots.acquire()
-            threading.Thread(target=self._fetch_ahead, args=(path,), name="xnatfs-download-ahead", daemon=True).start()
-
-    def _fetch_ahead(self, path: str) -> None:
-        _reading_ahead.active = True
-        try:
-            self.fetch(path)
-        except Exception as error:  # noqa: BLE001 - the reader who needs it will get the error
-            log.debug("reading ahead %s failed: %s", path, error)
-        finally:
-            self._download_slots.release()
+            self._download_pool.submit(path, self.fetch, path)
 
     def open_fd(self, path: str, entry: Entry | None = None) -> int:
         """Return a file descriptor open for reading the complete content of ``path``.
@@ -172,25 +135,13 @@ class ContentCache:
         path = normpath(path)
         if entry is None:
             entry = self.stat(path)
-        key = entry.key or path  # a source's key changes with the content (e.g. its digest)
-        with self._lock:
-            local = self._local.get(key)
-        if local is not None:
-            try:
-                return os.open(local, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                pass
         for attempt in range(3):
             local = self._content(path, entry)
             try:
-                fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+                return os.open(local, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 if attempt == 2:
                     raise
-                continue
-            with self._lock:
-                self._local[key] = local
-            return fd
         raise AssertionError("unreachable")
 
     def content_unit(self, path: str) -> ContentUnit | None:
@@ -206,36 +157,16 @@ class ContentCache:
 
     def _learn_size(self, path: str, entry: Entry, local: str) -> None:
         """When the content's size differs from the listed one, the bytes win: the listing entry
-        gets the true size (kept across re-listings) and, when a size had been told, the change
+        gets the true size (see ``_correct_size``) and, when a size had been told, the change
         listeners (the mount) are told."""
         try:
             size = os.path.getsize(local)
         except OSError:
             return
-        with self._lock:
-            known = self._true_sizes.get((entry.key, entry.size))
-        if size in (entry.size, known):
-            return  # as listed, or learned (and told) already: a reader holding the old entry
-        if entry.size is not None:
-            log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
-        parent, name = posixpath.split(path)
-        with self._lock:
-            self._true_sizes[(entry.key, entry.size)] = size
-            cached = self._listings.get(parent)
-            if cached is not None and name in cached.entries:
-                entries = {**cached.entries, name: dataclasses.replace(cached.entries[name], size=size)}
-                self._listings[parent] = dataclasses.replace(cached, entries=entries)
-            self._stats.pop(path, None)
-        if entry.size is not None:
-            self.changed(path)
-
-    def _with_true_sizes(self, entries: list[Entry]) -> list[Entry]:
-        """Return ``entries`` with the sizes learned from content (see :meth:`_learn_size`)."""
-        if not self._true_sizes:
-            return entries
-        with self._lock:
-            found = [self._true_sizes.get((e.key, e.size)) for e in entries]
-        return [e if size is None else dataclasses.replace(e, size=size) for e, size in zip(entries, found)]
+        if not self._correct_size(path, entry, size) or entry.size is None:
+            return
+        log.info("%s: listed with %s bytes, has %d: using the downloaded size", path, entry.size, size)
+        self.changed(path)
 
     def is_cached(self, path: str) -> bool:
         """Return True if reading file ``path`` now would not download (content local or cached)."""

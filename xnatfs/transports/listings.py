@@ -1,6 +1,6 @@
 """The listing cache of a transport: every folder listed once per ``ttl``, kept in memory and in the
-persistent catalog (:mod:`xnatfs.catalog`), served stale while the source is down, with the listings
-a walk will need next fetched ahead in parallel. Mixed into
+persistent catalog (:mod:`xnatfs.catalog`), served stale while the source is down, corrected by the
+sizes learned from content, with the listings a walk will need next fetched ahead in parallel. Mixed into
 :class:`~xnatfs.transports.base.AbstractTransport`.
 
 Keys are folder paths, or a transport's own bulk listings (keys that are not paths): both are
@@ -9,20 +9,22 @@ cached, persisted and read ahead the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
-import queue
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 
 from xnatfs.catalog import Catalog
 from xnatfs.exceptions import ConnectionFailedError, XnatfsError
 from xnatfs.options import LISTING_JOBS
 from xnatfs.transports.entry import Entry
+from xnatfs.transports.executor import BoundedExecutor
+from xnatfs.transports.state import TransportState
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +43,24 @@ class _Listing:
     from_catalog: bool = False
 
 
-class ListingCache:
+class ListingCache(TransportState):
     """Listings of a transport, cached (see the module's docstring). Needs ``_list`` (the
-    transport's primitive), ``changed``, ``_with_true_sizes`` and the attributes below."""
+    transport's primitive)."""
 
-    name: ClassVar[str]
     persistent_catalog: ClassVar[bool]
-    netloc: str | None
-    root: str | None
-    opts: dict[str, Any]
-    ttl: float
-    offline: bool
-    _lock: threading.Lock
-    _stats: TTLCache[str, Entry | None]
-    _local: TTLCache[str, str]
 
     def _init_listings(self, size: int) -> None:
         # Every listing with the time it was fetched; past the ttl it is revalidated, and it is
         # served as it is when the source cannot be reached: a cached tree stays browsable offline.
         self._listings: LRUCache[str, _Listing] = LRUCache(maxsize=size)
         self._listing_locks: dict[str, threading.Lock] = {}
+        # Sizes learned from content where the listing's was wrong or missing, by (entry key, listed size).
+        self._true_sizes: LRUCache[tuple[str, int | None], int] = LRUCache(maxsize=100_000)
         self.listing_jobs = max(int(self.opts.get("listing_jobs") or DEFAULT_LISTING_JOBS), 1)
         # Transports hold one of these around each listing request: it bounds the requests in flight.
         self._listing_slots = threading.BoundedSemaphore(self.listing_jobs)
-        # Read-ahead and revalidation run on up to listing_jobs daemon threads (never holding up an exit).
-        self._jobs: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
-        self._workers = 0
-        self._closed = False
-        self._queued: set[str] = set()  # keys waiting for (or in) read-ahead or revalidation
+        # Read-ahead and revalidation: one job per listing key at a time.
+        self._listing_pool = BoundedExecutor(self.listing_jobs, "xnatfs-listing")
         self._down_until = 0.0  # monotonic time until which the source is taken as unreachable
         self._catalog: Catalog | None = None
         self._unpersistable = False
@@ -189,9 +181,32 @@ class ListingCache:
             # A remount served the old listing first: what the kernel was told may be out of date.
             with self._lock:
                 self._stats.clear()
-                self._local.clear()
             self.changed(path)
         return listing
+
+    def _correct_size(self, path: str, entry: Entry, size: int) -> bool:
+        """Record that file ``path``, listed as ``entry``, holds ``size`` bytes: the listing entry
+        gets the true size, kept across re-listings while the source lists it as before. Returns
+        True when that is news (neither as listed nor learned before)."""
+        with self._lock:
+            if size in (entry.size, self._true_sizes.get((entry.key, entry.size))):
+                return False
+            self._true_sizes[(entry.key, entry.size)] = size
+            parent, name = posixpath.split(path)
+            cached = self._listings.get(parent)
+            if cached is not None and name in cached.entries:
+                entries = {**cached.entries, name: dataclasses.replace(cached.entries[name], size=size)}
+                self._listings[parent] = dataclasses.replace(cached, entries=entries)
+            self._stats.pop(path, None)
+        return True
+
+    def _with_true_sizes(self, entries: list[Entry]) -> list[Entry]:
+        """Return ``entries`` with the sizes learned from content (see :meth:`_correct_size`)."""
+        if not self._true_sizes:
+            return entries
+        with self._lock:
+            found = [self._true_sizes.get((e.key, e.size)) for e in entries]
+        return [e if size is None else dataclasses.replace(e, size=size) for e, size in zip(entries, found)]
 
     def _persist(self, path: str, fetched: float, entries: list[Entry]) -> None:
         """Write a listing to the catalog (not at all when its refs cannot be encoded)."""
@@ -232,31 +247,12 @@ class ListingCache:
 
     def _submit(self, key: str, revalidate: bool = False) -> None:
         """Fetch listing ``key`` in the background (once at a time per key)."""
-        with self._lock:
-            if key in self._queued or self._closed:
-                return
-            self._queued.add(key)
-            start = self._workers < self.listing_jobs
-            if start:
-                self._workers += 1
-        self._jobs.put((key, revalidate))
-        if start:
-            threading.Thread(target=self._work, name="xnatfs-listing", daemon=True).start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._background(*job)
+        self._listing_pool.submit(key, self._background, key, revalidate)
 
     def _background(self, key: str, revalidate: bool) -> None:
-        try:
-            if revalidate:
-                with self._lock:
-                    stale = self._listings.get(key)
-                self._refresh(key, stale)
-            else:
-                self._listing(key)
-        except Exception as error:
-            log.debug("%s: read-ahead failed: %s", key, error)
-        finally:
+        if revalidate:
             with self._lock:
-                self._queued.discard(key)
+                stale = self._listings.get(key)
+            self._refresh(key, stale)
+        else:
+            self._listing(key)

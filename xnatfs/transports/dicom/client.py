@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 from urllib.parse import unquote
 
@@ -81,10 +81,8 @@ class DimseClient:
                 f"C-STORE to {self.peer}: no answer within {self.timeout:g} s or association aborted"
             )
         if code != STATUS_SUCCESS and code not in STORE_WARNINGS:
-            comment = getattr(status, "ErrorComment", "")
             raise AssociationFailed(
-                f"C-STORE of {ds.SOPInstanceUID} to {self.peer} failed with status 0x{code:04X}"
-                + (f": {comment}" if comment else "")
+                f"C-STORE of {ds.SOPInstanceUID} to {self.peer} failed with status {_status_text(status)}"
             )
         return code
 
@@ -104,22 +102,12 @@ class DimseClient:
         received: list[str] = []
         handlers = [(evt.EVT_C_STORE, _on_c_store, [filler, received])]
         query = dimse_query("SERIES", StudyInstanceUID=ref.study_uid, SeriesInstanceUID=ref.series_uid)
-        final: Dataset | None = None
+        what = f"C-GET of series {ref.series_uid} from {self.peer}"
         with self._association(contexts, ext_neg=roles, evt_handlers=handlers) as assoc:
-            try:
-                for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
-                    code = _status_code(status)
-                    if code is None:
-                        raise AssociationFailed(
-                            f"C-GET of series {ref.series_uid} from {self.peer}: no answer within "
-                            f"{self.timeout:g} s or association aborted ({len(received)} instances received)"
-                        )
-                    if code not in STATUS_PENDING:
-                        final = status
-            except ValueError as error:  # the PACS did not accept the C-GET presentation context
-                raise AssociationFailed(f"C-GET from {self.peer} refused: {error}") from error
-        code = _status_code(final)
-        if code != STATUS_SUCCESS:
+            final = self._responses(
+                lambda: assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet), what, received=received
+            )
+        if _status_code(final) != STATUS_SUCCESS:
             counts = ", ".join(
                 f"{getattr(final, k, '?')} {label}"
                 for k, label in (
@@ -128,10 +116,7 @@ class DimseClient:
                     ("NumberOfWarningSuboperations", "warnings"),
                 )
             )
-            shown = "none" if code is None else f"0x{code:04X}"
-            raise AssociationFailed(
-                f"C-GET of series {ref.series_uid} from {self.peer} ended with status {shown} ({counts})"
-            )
+            raise AssociationFailed(f"{what} ended with status {_status_text(final)} ({counts})")
         log.info("retrieved series %s from %s: %d instances", ref.series_uid, self.peer, len(received))
 
     # -- DIMSE plumbing -----------------------------------------------------------------------
@@ -142,30 +127,45 @@ class DimseClient:
         Raises AssociationNotEstablished, or AssociationFailed on a failure status, no answer
         within the timeout, or a refused information model.
         """
+        what = f"C-FIND ({query.QueryRetrieveLevel}) at {self.peer}"
         results: list[Dataset] = []
         with self._association([build_context(model)]) as assoc:
-            try:
-                for status, identifier in assoc.send_c_find(query, model):
-                    code = _status_code(status)
-                    if code is None:
-                        raise AssociationFailed(
-                            f"C-FIND ({query.QueryRetrieveLevel}) at {self.peer}: no answer within "
-                            f"{self.timeout:g} s or association aborted"
-                        )
-                    if code in STATUS_PENDING:
-                        if identifier is not None:
-                            results.append(identifier)
-                    elif code == STATUS_SUCCESS:
-                        break
-                    else:
-                        comment = getattr(status, "ErrorComment", "")
-                        raise AssociationFailed(
-                            f"C-FIND ({query.QueryRetrieveLevel}) at {self.peer} failed with status "
-                            f"0x{code:04X}" + (f": {comment}" if comment else "")
-                        )
-            except ValueError as error:
-                raise AssociationFailed(f"C-FIND at {self.peer} refused: {error}") from error
+            final = self._responses(lambda: assoc.send_c_find(query, model), what, found=results)
+        if _status_code(final) != STATUS_SUCCESS:
+            raise AssociationFailed(f"{what} failed with status {_status_text(final)}")
         return results
+
+    def _responses(
+        self,
+        request: Callable[[], Iterable[tuple[Dataset, Dataset | None]]],
+        what: str,
+        found: list[Dataset] | None = None,
+        received: Sized | None = None,
+    ) -> Dataset | None:
+        """Send a C-FIND or C-GET (``request``; ``what`` names it in errors) and go through its
+        responses: the identifiers of pending ones go to ``found``; return the final status (None if
+        the peer ended without one).
+
+        Raises AssociationFailed when the peer refuses the request's presentation context, or when a
+        response does not come within the timeout or the association breaks (``received``: the
+        instances that had arrived by then, for the message).
+        """
+        final = None
+        try:
+            for status, identifier in request():
+                code = _status_code(status)
+                if code is None:
+                    so_far = "" if received is None else f" ({len(received)} instances received)"
+                    raise AssociationFailed(
+                        f"{what}: no answer within {self.timeout:g} s or association aborted{so_far}"
+                    )
+                if code not in STATUS_PENDING:
+                    final = status
+                elif found is not None and identifier is not None:
+                    found.append(identifier)
+        except ValueError as error:  # no accepted presentation context for the request
+            raise AssociationFailed(f"{what} refused: {error}") from error
+        return final
 
     @contextlib.contextmanager
     def _association(
@@ -267,3 +267,12 @@ def _status_code(status: Dataset | None) -> int | None:
     """Return the Status of a DIMSE response, None if there was none (timeout, abort)."""
     code = getattr(status, "Status", None) if status is not None else None
     return int(code) if code is not None else None
+
+
+def _status_text(status: Dataset | None) -> str:
+    """Return a DIMSE response's status for a message: ``0xA700``, with its error comment if any, or ``none``."""
+    code = _status_code(status)
+    if code is None:
+        return "none"
+    comment = getattr(status, "ErrorComment", "")
+    return f"0x{code:04X}" + (f": {comment}" if comment else "")

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 # How long a failed series retrieve is reported again without asking the PACS (seconds): listing a
 # series looks up every instance, and each must not wait for its own timeout when the PACS is down.
 FAILURE_MEMORY = 10.0
+# What a C-FIND at each level (study root) asks for: the level's UID first, then what names and dates its folders.
+_LEVEL_KEYS = {
+    "STUDY": ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"),
+    "SERIES": ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "SeriesDate", "SeriesTime"),
+    "IMAGE": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber"),
+}
 
 
 @dataclass(frozen=True)
@@ -162,68 +168,38 @@ class DicomTransport(DimseClient, AbstractTransport):
         ]
 
     def _list_studies(self, patient: _Patient) -> list[Entry]:
-        query = dimse_query(
-            "STUDY",
-            PatientID=patient.patient_id,
-            StudyInstanceUID="",
-            StudyDate="",
-            StudyTime="",
-            AccessionNumber="",
-            StudyDescription="",
-        )
-        found = self._find(StudyRootQueryRetrieveInformationModelFind, query)
         # PatientID may hold C-FIND wildcards (* and ?): keep exact matches only.
-        studies = {
-            str(ds.StudyInstanceUID): ds
-            for ds in found
-            if ds.get("StudyInstanceUID") and str(ds.get("PatientID", "") or "") == patient.patient_id
-        }
-        ordered = sorted(studies.values(), key=lambda ds: (str(ds.get("StudyDate", "")), ds.StudyInstanceUID))
+        found = self._find_level("STUDY", {"PatientID": patient.patient_id}, exact="PatientID")
+        ordered = sorted(found, key=lambda ds: (str(ds.get("StudyDate", "")), ds.StudyInstanceUID))
         labels = [
             f"{ds.get('StudyDate') or 'undated'}-{ds.get('AccessionNumber') or ds.StudyInstanceUID}" for ds in ordered
         ]
-        entries = []
-        for name, ds in zip(unique_names(labels), ordered):
-            mtime = _timestamp(ds.get("StudyDate"), ds.get("StudyTime"))
-            ref = _Study(patient.patient_id, str(ds.StudyInstanceUID), mtime)
-            entries.append(Entry(name=name, is_dir=True, mtime=mtime, key=ref.study_uid, ref=ref))
-        return entries
+        refs = [
+            _Study(patient.patient_id, str(ds.StudyInstanceUID), _timestamp(ds.get("StudyDate"), ds.get("StudyTime")))
+            for ds in ordered
+        ]
+        return [_folder(name, ref, ref.study_uid) for name, ref in zip(unique_names(labels), refs)]
 
     def _list_series(self, study: _Study) -> list[Entry]:
-        query = dimse_query(
-            "SERIES",
-            StudyInstanceUID=study.study_uid,
-            SeriesInstanceUID="",
-            SeriesNumber="",
-            SeriesDescription="",
-            Modality="",
-            SeriesDate="",
-            SeriesTime="",
-        )
-        found = self._find(StudyRootQueryRetrieveInformationModelFind, query)
-        series = {str(ds.SeriesInstanceUID): ds for ds in found if ds.get("SeriesInstanceUID")}
-        ordered = sorted(series.values(), key=lambda ds: (_number(ds.get("SeriesNumber")), ds.SeriesInstanceUID))
-        entries = []
-        for name, ds in zip(unique_names(_series_label(ds) for ds in ordered), ordered):
-            mtime = _timestamp(ds.get("SeriesDate"), ds.get("SeriesTime")) or study.mtime
-            ref = _Series(study.study_uid, str(ds.SeriesInstanceUID), mtime)
-            entries.append(Entry(name=name, is_dir=True, mtime=mtime, key=ref.series_uid, ref=ref))
-        return entries
+        found = self._find_level("SERIES", {"StudyInstanceUID": study.study_uid})
+        ordered = sorted(found, key=lambda ds: (_number(ds.get("SeriesNumber")), ds.SeriesInstanceUID))
+        refs = [
+            _Series(
+                study.study_uid,
+                str(ds.SeriesInstanceUID),
+                _timestamp(ds.get("SeriesDate"), ds.get("SeriesTime")) or study.mtime,
+            )
+            for ds in ordered
+        ]
+        names = unique_names(_series_label(ds) for ds in ordered)
+        return [_folder(name, ref, ref.series_uid) for name, ref in zip(names, refs)]
 
     def _list_instances(self, series: _Series) -> list[Entry]:
-        query = dimse_query(
-            "IMAGE",
-            StudyInstanceUID=series.study_uid,
-            SeriesInstanceUID=series.series_uid,
-            SOPInstanceUID="",
-            SOPClassUID="",
-            InstanceNumber="",
-        )
-        found = self._find(StudyRootQueryRetrieveInformationModelFind, query)
-        instances = {str(ds.SOPInstanceUID): ds for ds in found if ds.get("SOPInstanceUID")}
-        uids = sorted(instances)
+        match = {"StudyInstanceUID": series.study_uid, "SeriesInstanceUID": series.series_uid}
+        found = self._find_level("IMAGE", match)
+        uids = sorted(str(ds.SOPInstanceUID) for ds in found)
         version = "sops:" + hashlib.sha256("\n".join(uids).encode()).hexdigest()
-        sop_classes = tuple(sorted({str(ds.SOPClassUID) for ds in instances.values() if ds.get("SOPClassUID")}))
+        sop_classes = tuple(sorted({str(ds.SOPClassUID) for ds in found if ds.get("SOPClassUID")}))
         entries = []
         for name, uid in zip(unique_names(f"{uid}.dcm" for uid in uids), uids):
             member = safe_component(f"{uid}.dcm")
@@ -231,6 +207,22 @@ class DicomTransport(DimseClient, AbstractTransport):
             # No size: the base class finds it in the cache once the series has been retrieved.
             entries.append(Entry(name=name, is_dir=False, size=None, mtime=series.mtime, key=uid, ref=ref))
         return entries
+
+    def _find_level(self, level: str, match: dict[str, str], exact: str | None = None) -> list[Dataset]:
+        """Return what one C-FIND at ``level`` finds below ``match`` (the keys of the levels above),
+        asking for the keys :data:`_LEVEL_KEYS` names: one dataset per UID of the level (none without
+        one). ``exact`` names a key of ``match`` that may hold C-FIND wildcards: only datasets whose
+        value is ``match``'s to the letter are kept.
+
+        Raises AssociationNotEstablished or AssociationFailed (see :meth:`_find`).
+        """
+        keys = _LEVEL_KEYS[level]
+        uid = keys[0]
+        query = dimse_query(level, **match, **dict.fromkeys(keys, ""))
+        found = self._find(StudyRootQueryRetrieveInformationModelFind, query)
+        if exact is not None:
+            found = [ds for ds in found if str(ds.get(exact, "") or "") == match[exact]]
+        return list({str(ds.get(uid)): ds for ds in found if ds.get(uid)}.values())
 
     def _fill(self, unit: Unit, filler: Filler) -> None:
         self.retrieve_series(unit.ref, filler)
@@ -253,6 +245,11 @@ class DicomTransport(DimseClient, AbstractTransport):
         if isinstance(ref, _Instance):
             found["dicom.SOPInstanceUID"] = ref.sop_uid
         return found
+
+
+def _folder(name: str, ref: _Study | _Series, uid: str) -> Entry:
+    """Return the folder entry of a study or series."""
+    return Entry(name=name, is_dir=True, mtime=ref.mtime, key=uid, ref=ref)
 
 
 def _series_label(ds: Dataset) -> str:

@@ -4,9 +4,10 @@ and a resource's files listing; their JSON form for the catalog."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from xnatfs.client import quote_part
 from xnatfs.names import safe_relpath, scan_folder
@@ -15,48 +16,56 @@ from xnatfs.names import safe_relpath, scan_folder
 _IMAGE_SESSION_SUFFIX = "SessionData"
 
 
-def _text(row: dict[str, Any], field: str) -> str:
-    return str(row.get(field) or "")
+_R = TypeVar("_R", bound="_RowRef")
 
 
 @dataclass(frozen=True)
-class ProjectRef:
+class _RowRef:
+    """An XNAT object read from its listing row: its ``ID``, and a field per column of the same name
+    (``COLUMNS`` names the columns spelled otherwise)."""
+
+    COLUMNS: ClassVar[dict[str, str]] = {}
+    id: str
+
+    @classmethod
+    def from_row(cls: type[_R], row: dict[str, Any], **given: str) -> _R:
+        """Return the reference of ``row`` (a missing or empty column reads as ``""``); ``given``: the
+        fields the row does not hold."""
+        columns = _columns(cls)
+        return cls(**{f: str(row.get(c) or "") for f, c in columns.items() if f not in given}, **given)
+
+
+@functools.cache
+def _columns(cls: type[_RowRef]) -> dict[str, str]:
+    """Return the column of each field of ``cls``."""
+    return {f.name: {"id": "ID", **cls.COLUMNS}.get(f.name, f.name) for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class ProjectRef(_RowRef):
     """A project, from its row in ``/data/projects``."""
 
-    id: str
+    COLUMNS: ClassVar[dict[str, str]] = {"secondary_id": "secondary_ID"}
     name: str = ""
     secondary_id: str = ""
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ProjectRef:
-        return cls(_text(row, "ID"), _text(row, "name"), _text(row, "secondary_ID"))
-
 
 @dataclass(frozen=True)
-class SubjectRef:
+class SubjectRef(_RowRef):
     """A subject, from its row in ``/data/projects/{P}/subjects``."""
 
-    id: str
     label: str = ""
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> SubjectRef:
-        return cls(_text(row, "ID"), _text(row, "label"))
 
 
 @dataclass(frozen=True)
-class ExperimentRef:
-    """An experiment (imaging session or subject assessor) of ``project``, from its listing row."""
+class ExperimentRef(_RowRef):
+    """An experiment (imaging session or subject assessor) of ``project`` (given), from its listing row."""
 
-    id: str
+    COLUMNS: ClassVar[dict[str, str]] = {"xsi_type": "xsiType"}
     label: str = ""
     project: str = ""
     xsi_type: str = ""
     date: str = ""
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any], project: str) -> ExperimentRef:
-        return cls(_text(row, "ID"), _text(row, "label"), project, _text(row, "xsiType"), _text(row, "date"))
 
     @property
     def has_scans(self) -> bool:
@@ -65,16 +74,11 @@ class ExperimentRef:
 
 
 @dataclass(frozen=True)
-class ScanRef:
+class ScanRef(_RowRef):
     """A scan of an experiment, from its row in ``/data/experiments/{E}/scans``."""
 
-    id: str
     type: str = ""
     series_description: str = ""
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ScanRef:
-        return cls(_text(row, "ID"), _text(row, "type"), _text(row, "series_description"))
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class Resource:
     experiment_label: str = ""
     scan_type: str = ""
 
-    @property
+    @functools.cached_property
     def api_path(self) -> str:
         """Return the resource's REST path, e.g. ``/data/experiments/E1/scans/2/resources/12345``."""
         base = f"/data/experiments/{quote_part(self.experiment_id)}"

@@ -216,7 +216,7 @@ class XnatTransport(XnatContent, AbstractTransport):
                 "ID,label,date,insert_date,xsiType",
             )
         return self._entries(
-            rows, "label", lambda r: f"experiment:{r.get('ID')}", lambda r: ExperimentRef.from_row(r, project)
+            rows, "label", lambda r: f"experiment:{r.get('ID')}", lambda r: ExperimentRef.from_row(r, project=project)
         )
 
     def _scans(self, experiment: Entry) -> list[Entry]:
@@ -265,7 +265,7 @@ class XnatTransport(XnatContent, AbstractTransport):
             if isinstance(child, dict):
                 entries.append(Entry(name, True, mtime=mtime, key=f"{resource.api_path}/{prefix}/{name}"))
             else:
-                # With the digest, changed content is a new file to the open-file memos and st_ino.
+                # With the digest, changed content is a new file to the mount (its open files, st_ino).
                 key = f"{resource.api_path}:{child.server_path}:{child.digest or child.size}"
                 entries.append(Entry(name, False, child.size, mtime + version_fraction(child), key, child))
         return entries

@@ -230,19 +230,16 @@ class XnatClient:
     def stream(self, path: str, **params: str) -> Iterator[Iterator[bytes]]:
         """Yield an iterator over the body of ``path`` in chunks, streamed (never all in memory).
 
-        The body is received ahead, in a thread, into a few buffers used again and again
-        (:mod:`xnatfs.httpbody`): a chunk (bytes-like) is valid until the next one is asked for.
+        The body is read into one buffer used again and again (:mod:`xnatfs.httpbody`): a chunk
+        (bytes-like) is valid until the next one is asked for.
 
         Only the start of the request is retried; a connection that breaks or stalls for
         ``timeout`` seconds during the body raises ConnectionFailedError from the iterator.
         """
         response = self.request("GET", path, params=params or None, stream=True)
-        body = direct_body(response)
         try:
-            yield self._iter_body(response, body, path)
+            yield self._iter_body(response, direct_body(response), path)
         finally:
-            if body is not None:
-                body.close()  # stops its reader thread before the connection goes
             response.close()
 
     def _iter_body(self, response: requests.Response, body: BodyReader | None, path: str) -> Iterator[bytes]:

@@ -24,8 +24,9 @@ def test_entries_with_sizes_go_out_with_attributes_and_a_listing_resumes_where_i
         ("b.dcm", {**file_attrs, "st_ino": 13, "st_size": 99}, 0),
     ]
     calls = []
-    operations = SimpleNamespace(readdir=lambda path, fh: calls.append(path) or listing)
+    operations = SimpleNamespace(readdir=lambda path, fh: calls.append(path) or listing, ttl=0)
     fuse = SimpleNamespace(operations=operations, encoding="utf-8", errors="surrogateescape", use_ns=True)
+    fuse._readdir = lambda *args: mfusepy.FUSE._readdir(fuse, *args)  # mfusepy's names-only answer
     fip = SimpleNamespace(contents=SimpleNamespace(fh=0))
     readdir = readdir_plus_method(mfusepy, mfusepy.FUSE)
     assert readdir is not None
@@ -54,6 +55,14 @@ def test_entries_with_sizes_go_out_with_attributes_and_a_listing_resumes_where_i
     # A new listing (offset 0) is built anew.
     assert readdir(fuse, b"/P/files", None, lambda *a: filler(*a, room=100), 0, fip, FUSE_READDIR_PLUS) == 0
     assert calls == ["/P/files", "/P/files"]
+    with_attributes = [0, 0, FUSE_FILL_DIR_PLUS, 0, FUSE_FILL_DIR_PLUS]
+    assert [flags for _name, _offset, flags, *_ in sent[5:]] == with_attributes
+    # Within the TTL of a listing handed out whole, the kernel holds the attributes: names alone go out.
+    operations.ttl = 60
+    assert readdir(fuse, b"/P/files", None, lambda *a: filler(*a, room=100), 0, fip, FUSE_READDIR_PLUS) == 0
+    assert [(offset, flags) for _name, offset, flags, *_ in sent[10:]] == [(0, 0)] * 5
+    assert readdir(fuse, b"/Q/files", None, lambda *a: filler(*a, room=100), 0, fip, FUSE_READDIR_PLUS) == 0
+    assert [flags for _name, _offset, flags, *_ in sent[15:]] == with_attributes  # another folder: not told yet
 
 
 def test_a_listed_folder_tells_the_sizes_and_inodes_a_lookup_would(tmp_path):

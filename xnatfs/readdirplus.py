@@ -7,6 +7,10 @@ number, never FUSE_FILL_DIR_PLUS), so the kernel sends one LOOKUP round trip per
 ``stat`` or ``open`` of each: 399 of them before ``cat`` reads a 399-file series, each a wake-up of a
 daemon thread and a Python call. :func:`readdir_plus_method` answers with the attributes instead.
 
+Only the first listing of a folder within the mount's TTL carries attributes: the kernel keeps them (and
+the entries) for the TTL, so listing the folder again (``find`` twice, ``ls`` in a loop) answers with the
+names alone, as cheaply as before, and the first listing after the TTL refreshes them.
+
 An entry goes out with its attributes only when the file system gives them all (``st_size`` among them):
 a file whose size is not known yet (a PACS instance not retrieved) goes out with its name alone, and the
 kernel looks it up as before (the mount then learns its true size first). ``.`` and ``..`` never carry any.
@@ -21,7 +25,9 @@ built once, not once per request.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +35,7 @@ from typing import Any
 FUSE_READDIR_PLUS = 1 << 0  # enum fuse_readdir_flags: the kernel asked for READDIRPLUS
 FUSE_FILL_DIR_PLUS = 1 << 1  # enum fuse_fill_dir_flags: this entry's attributes are complete
 MAX_PENDING = 64  # listings handed out in part (a reader that stopped early leaves one behind)
+MAX_TOLD = 100_000  # folders whose entries' attributes the kernel was told (forgotten all at once beyond)
 
 
 def readdir_plus_method(mfusepy: Any, base: type) -> Callable[..., int] | None:
@@ -36,7 +43,8 @@ def readdir_plus_method(mfusepy: Any, base: type) -> Callable[..., int] | None:
     with attributes, or None when ``base`` or mfusepy lack what it needs (another mfusepy: the kernel then
     looks entries up one by one, as before).
 
-    The method calls the operations' ``readdir(path, fh)``, which returns ``(name, attrs, 0)`` tuples.
+    The method calls the operations' ``readdir(path, fh)``, which returns ``(name, attrs, 0)`` tuples, and
+    reads their ``ttl`` (seconds the kernel keeps what it is told).
     """
     plain = getattr(base, "readdir_fuse_3", None)
     c_stat = getattr(mfusepy, "c_stat", None)
@@ -45,14 +53,19 @@ def readdir_plus_method(mfusepy: Any, base: type) -> Callable[..., int] | None:
         return None
     size = ctypes.sizeof(c_stat)
     pending: OrderedDict[str, list[tuple[str, dict[str, int], int]]] = OrderedDict()
+    told: dict[str, float] = {}  # folder -> when a listing with attributes was handed out whole
     lock = threading.Lock()
 
     def readdir_fuse_3(self: Any, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         if not flags & FUSE_READDIR_PLUS or path is None:
             return plain(self, path, buf, filler, offset, fip, flags)
         folder = path.decode(self.encoding, self.errors)
+        now = time.monotonic()
         with lock:
             entries = pending.pop(folder, None) if offset else None
+            fresh = now - told.get(folder, -math.inf) < getattr(self.operations, "ttl", 0)
+        if not offset and fresh:  # the kernel still holds every entry's attributes: names will do
+            return plain(self, path, buf, filler, offset, fip, flags)
         if entries is None:  # a new listing (offset 0), or one whose rest was dropped
             entries = self.operations.readdir(folder, fip.contents.fh)
         st = c_stat()  # libfuse copies it per entry: one will do
@@ -72,6 +85,11 @@ def readdir_plus_method(mfusepy: Any, base: type) -> Callable[..., int] | None:
                     while len(pending) > MAX_PENDING:
                         pending.popitem(last=False)
                 break
+        else:
+            with lock:
+                if len(told) >= MAX_TOLD:
+                    told.clear()
+                told[folder] = now
         return 0
 
     return readdir_fuse_3

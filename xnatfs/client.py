@@ -18,7 +18,6 @@ the first request after the wait tries again, so a password that works again is 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
 import threading
@@ -38,12 +37,12 @@ from xnatfs.exceptions import (
     NotFoundError,
     ServerError,
 )
+from xnatfs.httpbody import CHUNK_SIZE, BodyReader, direct_body
 from xnatfs.options import TIMEOUT
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = TIMEOUT
-CHUNK_SIZE = 1 << 20  # at most this many body bytes per piece: one socket read into a fresh buffer
 AUTH_RETRY_SECONDS = 15.0  # first wait after refused credentials; doubles per refusal
 AUTH_RETRY_MAX_SECONDS = 600.0
 
@@ -231,19 +230,21 @@ class XnatClient:
     def stream(self, path: str, **params: str) -> Iterator[Iterator[bytes]]:
         """Yield an iterator over the body of ``path`` in chunks, streamed (never all in memory).
 
+        The body is read into one buffer used again and again (:mod:`xnatfs.httpbody`): a chunk
+        (bytes-like) is valid until the next one is asked for.
+
         Only the start of the request is retried; a connection that breaks or stalls for
         ``timeout`` seconds during the body raises ConnectionFailedError from the iterator.
         """
         response = self.request("GET", path, params=params or None, stream=True)
         try:
-            yield self._iter_body(response, path)
+            yield self._iter_body(response, direct_body(response), path)
         finally:
             response.close()
 
-    def _iter_body(self, response: requests.Response, path: str) -> Iterator[bytes]:
-        direct = _direct_body(response)
+    def _iter_body(self, response: requests.Response, body: BodyReader | None, path: str) -> Iterator[bytes]:
         try:
-            yield from direct if direct is not None else response.raw.stream(CHUNK_SIZE, decode_content=True)
+            yield from body if body is not None else response.raw.stream(CHUNK_SIZE, decode_content=True)
         except Exception as error:  # requests', the socket's and urllib3's own (ProtocolError, ReadTimeoutError)
             raise ConnectionFailedError(f"{path}: the download broke off: {_describe(error)}") from None
 
@@ -291,57 +292,6 @@ class XnatClient:
 
     def _where(self, path: str) -> str:
         return self.url + path.split("?", 1)[0]
-
-
-def _direct_body(response: requests.Response) -> Iterator[bytearray] | None:
-    """Return the body's pieces read straight from the socket, or None where that does not apply.
-
-    Each piece is one read of the socket into a fresh buffer (as much as has arrived, up to CHUNK_SIZE): no
-    copy through urllib3's and http.client's buffers, no waiting for a full buffer before handing bytes on.
-    The chunked framing is still http.client's. Used for bodies without Content-Encoding; a body read to
-    its end gives its connection back to the pool. Raises OSError/ValueError/IncompleteRead as the socket
-    layer does.
-    """
-    raw = response.raw
-    message = getattr(raw, "_fp", None)
-    fp = getattr(message, "fp", None)
-    encoding = response.headers.get("Content-Encoding", "identity").lower()
-    if (
-        not isinstance(message, http.client.HTTPResponse)
-        or not hasattr(fp, "readinto1")
-        or not hasattr(message, "_get_chunk_left")
-        or encoding != "identity"
-    ):
-        return None
-
-    def pieces() -> Iterator[bytearray]:
-        while True:
-            if message.chunked:
-                left = message._get_chunk_left()  # reads the chunk-size line (and, at the end, the trailer)
-                if left is None:
-                    break
-            else:
-                left = message.length
-                if left is None:
-                    left = CHUNK_SIZE  # until the server closes the connection
-                elif left == 0:
-                    message._close_conn()
-                    break
-            buffer = bytearray(min(left, CHUNK_SIZE))
-            got = fp.readinto1(buffer)
-            if not got:
-                if message.chunked or message.length is not None:
-                    raise http.client.IncompleteRead(b"")
-                break
-            if message.chunked:
-                message.chunk_left = left - got
-            elif message.length is not None:
-                message.length -= got
-            del buffer[got:]
-            yield buffer
-        raw.release_conn()  # read to its end: the connection can serve the next request
-
-    return pieces()
 
 
 def _describe(error: BaseException) -> str:

@@ -186,11 +186,22 @@ class Operations(mfusepy.Operations):
 
     @_errors
     def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
+        """Return the entries of folder ``path``, each with all its attributes when its size is known
+        (a READDIRPLUS answer carries them: see :mod:`xnatfs.readdirplus`), else its mode and inode."""
         # With use_ino, every entry needs its inode number: readdir(3) skips entries with inode 0.
         here = {"st_mode": stat.S_IFDIR | 0o555, "st_ino": self._ino(self.transport.stat(path))}
         entries = [(".", here, 0), ("..", {"st_mode": stat.S_IFDIR | 0o555, "st_ino": 1}, 0)]
-        for entry in self.transport.listdir(path):
-            entries.append((entry.name, {"st_mode": entry.mode, "st_ino": self._ino(entry)}, 0))
+        listing = self.transport.listdir(path)
+        if len(self._told) + len(listing) >= MAX_TOLD_SIZES:
+            self._told.clear()
+        prefix = path.rstrip("/") + "/"
+        for entry in listing:
+            if entry.is_dir or entry.size is not None:
+                if not entry.is_dir:
+                    self._told[prefix + entry.name] = entry.size or 0  # as getattr: the kernel is told
+                entries.append((entry.name, self._attrs(entry), 0))
+            else:
+                entries.append((entry.name, {"st_mode": entry.mode, "st_ino": self._ino(entry)}, 0))
         return entries
 
     @_errors

@@ -25,6 +25,7 @@ from xnatfs.exceptions import XnatfsError
 from xnatfs.fuse import mfusepy
 from xnatfs.fuse_ops import Operations
 from xnatfs.options import TTL
+from xnatfs.readdirplus import readdir_plus_method
 from xnatfs.transports.base import AbstractTransport
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,11 @@ def fuse_class(base: type) -> type:
             ctypes.pythonapi.PyGILState_Ensure()
         return wrapper(self, func, *args, **kwargs)
 
-    return type(f"Pinned{base.__name__}", (base,), {"_wrapper": _wrapper, "__doc__": fuse_class.__doc__})
+    methods: dict[str, Any] = {"_wrapper": _wrapper, "__doc__": fuse_class.__doc__}
+    readdir_plus = readdir_plus_method(mfusepy, base)
+    if readdir_plus is not None:
+        methods["readdir_fuse_3"] = readdir_plus  # folders are listed with attributes: see xnatfs.readdirplus
+    return type(f"Pinned{base.__name__}", (base,), methods)
 
 
 def _is_wrapper_signature(function: Callable[..., Any]) -> bool:

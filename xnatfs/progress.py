@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def human_bytes(count: float) -> str:
@@ -18,13 +19,33 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def byte_bar(label: str, total: int | None, out: TextIO | None = None, enabled: bool = True, **options: Any) -> tqdm:
-    """Return a tqdm bar counting bytes (``update(n)``, ``close()``): label, size, rate and ETA.
+class SilentBar:
+    """Stands in for a bar that would draw nothing: the same calls, no tqdm (which takes a while to import)."""
 
-    Draws nothing when ``enabled`` is false or ``out`` (default stderr) is not a terminal. ``total``
-    may be None (no ETA). ``options`` go to tqdm as they are.
+    def update(self, count: float = 1) -> None:
+        pass
+
+    def set_description_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def byte_bar(
+    label: str, total: int | None, out: TextIO | None = None, enabled: bool = True, **options: Any
+) -> tqdm | SilentBar:
+    """Return a tqdm bar counting bytes (``update(n)``, ``set_description_str(text)``, ``close()``): label,
+    size, rate and ETA.
+
+    Draws nothing when ``enabled`` is false or ``out`` (default stderr) is not a terminal (a
+    :class:`SilentBar` then). ``total`` may be None (no ETA). ``options`` go to tqdm as they are.
     """
     out = out or sys.stderr
+    if not (enabled and out.isatty()):
+        return SilentBar()
+    from tqdm import tqdm
+
     size = shutil.get_terminal_size((100, 24))
     settings: dict[str, Any] = {
         "total": total,
@@ -33,7 +54,6 @@ def byte_bar(label: str, total: int | None, out: TextIO | None = None, enabled: 
         "unit_scale": True,
         "unit_divisor": 1000,
         "file": out,
-        "disable": not (enabled and out.isatty()),
         # A terminal that reports size 0 (e.g. under script(1)) would hide the bar: assume 100x24.
         "ncols": min(size.columns, 120),
         "nrows": max(size.lines, 2),

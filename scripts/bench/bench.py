@@ -345,7 +345,7 @@ def profile_daemon(target: Target, work: str, out_dir: str) -> None:
 
 # Leaf frames of threads that wait in C (py-spy cannot tell them from busy ones): libfuse's loop in the main
 # thread, queue and selector waits of the daemon's helper threads.
-_WAITING = ("idle", "wait", "select", "FUSE.__init__", "KernelInvalidator._work", "AbstractTransport._work",
+_WAITING = ("idle", "wait", "select", "FUSE.__init__", "KernelInvalidator._work", "ListingCache._work",
             "_PollLikeSelector.select", "Condition.wait", "Event.wait")  # fmt: skip
 
 

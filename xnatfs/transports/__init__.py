@@ -4,28 +4,22 @@
 under the entry-point group ``xnatfs.transports`` (``name = module:Class``); their ``schemes``
 attribute says which URL schemes they serve.
 
-The built-in classes (``FileTransport``, ``XnatTransport``, ``DicomTransport``) are exported here
-but imported on first use, so that importing this package stays cheap: pynetdicom is loaded only
-when DICOM is used.
+The built-in classes (``FileTransport``, ``XnatTransport``, ``DicomTransport``) and the names of
+:mod:`xnatfs.transports.base` are exported here but imported on first use, so that importing this
+package stays cheap: pynetdicom is loaded only when DICOM is used, the transport machinery (cache,
+listings) only by what uses a transport, and the installed packages' metadata only when a scheme
+is not built in (``xnatfs download`` starts without any of them).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from xnatfs.transports.base import (
-    AbstractTransport,
-    AssociationFailed,
-    AssociationNotEstablished,
-    Entry,
-    NoOtherInstance,
-    RootIsNotDirectory,
-    Unit,
-)
+if TYPE_CHECKING:
+    from xnatfs.transports.base import AbstractTransport
 
 __all__ = [
     "AbstractTransport",
@@ -62,10 +56,12 @@ BUILT_IN_SCHEMES = {
 }
 BUILT_IN = tuple(dict.fromkeys(BUILT_IN_SCHEMES.values()))
 _LAZY = {target.rpartition(":")[2]: target for target in BUILT_IN}
+_BASE_NAMES = ("AbstractTransport", "AssociationFailed", "AssociationNotEstablished", "Entry", "NoOtherInstance")
+_LAZY.update({name: f"xnatfs.transports.base:{name}" for name in (*_BASE_NAMES, "RootIsNotDirectory", "Unit")})
 
 
 def __getattr__(name: str) -> Any:
-    """Import a built-in transport class on first use (``from xnatfs.transports import FileTransport``)."""
+    """Import an exported name on first use (``from xnatfs.transports import FileTransport``)."""
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -85,6 +81,8 @@ def transport_classes() -> dict[str, type[AbstractTransport]]:
 
     A transport that fails to load is left out with a warning: it must not take the others down.
     """
+    from importlib.metadata import entry_points  # here: reading every package's metadata takes a while
+
     classes: dict[str, type[AbstractTransport]] = {}
     targets = [(target, None) for target in BUILT_IN]
     targets += [(ep.value, ep) for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.value not in BUILT_IN]

@@ -14,9 +14,15 @@ Modules: :mod:`.transport` (the tree: listings, bulk listings, metadata), :mod:`
 :mod:`.names` (XNAT's naming rules).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from xnatfs.transports.xnat.names import file_url_path, parse_date, resource_names, server_url, zip_names
-from xnatfs.transports.xnat.refs import FileListing, RemoteFile, Resource, file_listing
-from xnatfs.transports.xnat.transport import XnatTransport
+
+if TYPE_CHECKING:
+    from xnatfs.transports.xnat.refs import FileListing, RemoteFile, Resource, file_listing
+    from xnatfs.transports.xnat.transport import XnatTransport
 
 __all__ = [
     "FileListing",
@@ -30,3 +36,23 @@ __all__ = [
     "server_url",
     "zip_names",
 ]
+# Imported on first use: the download command needs only XNAT's naming rules from here.
+_LAZY = {
+    "FileListing": "refs",
+    "RemoteFile": "refs",
+    "Resource": "refs",
+    "file_listing": "refs",
+    "XnatTransport": "transport",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``XnatTransport`` (and the transport machinery) or a reference type on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

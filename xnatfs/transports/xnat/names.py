@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from xnatfs.exceptions import XnatfsError
-from xnatfs.transports.xnat.refs import FileListing, RemoteFile, Resource
+
+if TYPE_CHECKING:
+    from xnatfs.transports.xnat.refs import FileListing, RemoteFile, Resource
 
 # The path of a file inside an XNAT ZIP, after its resource's "files" folder.
 _ZIP_MEMBER = re.compile(r"^[^/]+/(?:scans/[^/]+/|assessors/[^/]+/out/)?resources/[^/]+/files/(.+)$")

@@ -268,3 +268,26 @@ def test_concurrent_fetches_share_one_download(server, tmp_path):
         t.join(60)
     assert sum("format=zip" in (r.get("query") or "") for r in server.requests()) == 1
     transport.close()
+
+
+def test_parts_merge_whole_folders_and_never_replace_a_file(tmp_path):
+    """Each ZIP of a download is extracted apart, then merged: a folder the result lacks moves whole,
+    and a file two ZIPs both hold is refused (the first stays as it was)."""
+    first, second, target = tmp_path / "part-0", tmp_path / "part-1", tmp_path / "content"
+    (first / "E/scans/1/resources/DICOM/files").mkdir(parents=True)
+    (first / "E/scans/1/resources/DICOM/files/a.dcm").write_bytes(b"a")
+    (second / "E/scans/2/resources/DICOM/files").mkdir(parents=True)
+    (second / "E/scans/2/resources/DICOM/files/b.dcm").write_bytes(b"b")
+    target.mkdir()
+    inode = (first / "E/scans").stat().st_ino
+    download._merge(str(first), str(target))
+    download._merge(str(second), str(target))
+    assert (target / "E/scans").stat().st_ino == inode  # moved in one rename, not file by file
+    assert (target / "E/scans/1/resources/DICOM/files/a.dcm").read_bytes() == b"a"
+    assert (target / "E/scans/2/resources/DICOM/files/b.dcm").read_bytes() == b"b"
+    assert not first.exists() and not second.exists()
+    (second / "E/scans/1/resources/DICOM/files").mkdir(parents=True)
+    (second / "E/scans/1/resources/DICOM/files/a.dcm").write_bytes(b"other")
+    with pytest.raises(download.UnsafeArchiveError, match="two ZIPs hold 'E/scans/1/resources/DICOM/files/a.dcm'"):
+        download._merge(str(second), str(target))
+    assert (target / "E/scans/1/resources/DICOM/files/a.dcm").read_bytes() == b"a"

@@ -312,17 +312,21 @@ def _rename_resource(part: str, name: str) -> None:
     os.rename(found[0], os.path.join(os.path.dirname(found[0]), name))
 
 
-def _merge(source: str, target: str) -> None:
-    """Move every file below ``source`` to the same place below ``target`` (never replacing one)."""
-    for root, _dirs, names in os.walk(source):
-        relative = os.path.relpath(root, source)
-        os.makedirs(os.path.join(target, relative), exist_ok=True)
-        for name in names:
-            destination = os.path.join(target, relative, name)
-            if os.path.lexists(destination):
-                raise UnsafeArchiveError(f"two ZIPs hold {os.path.join(relative, name)!r}")
-            os.rename(os.path.join(root, name), destination)
-    shutil.rmtree(source, ignore_errors=True)
+def _merge(source: str, target: str, relative: str = "") -> None:
+    """Move everything below ``source`` to the same place below ``target``, never replacing a file.
+
+    A folder ``target`` lacks moves in one rename (the first ZIP's whole tree); only folders both
+    have are walked. Raises UnsafeArchiveError when both have a file of one name.
+    """
+    for name in os.listdir(source):
+        here, there = os.path.join(source, name), os.path.join(target, name)
+        if not os.path.lexists(there):
+            os.rename(here, there)
+        elif os.path.isdir(there) and not os.path.islink(there) and os.path.isdir(here) and not os.path.islink(here):
+            _merge(here, there, os.path.join(relative, name))
+        else:
+            raise UnsafeArchiveError(f"two ZIPs hold {os.path.join(relative, name)!r}")
+    os.rmdir(source)
 
 
 def _number(text: object) -> int:

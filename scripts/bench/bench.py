@@ -43,15 +43,18 @@ def row(name: str, value: str, goal: str = "") -> None:
     print(f"  {name}: {value}  {goal}", flush=True)
 
 
-def interleaved(contenders: dict, rounds: int) -> dict[str, list[float]]:
+def interleaved(contenders: dict, rounds: int, settle=None) -> dict[str, list[float]]:
     """Run every contender once per round, in turn; return their times (seconds) by name.
 
     A contender is a callable returning None (its time is measured here) or a dict of named times of its
-    own (e.g. the time to a first byte), which are recorded as ``name:key``.
+    own (e.g. the time to a first byte), which are recorded as ``name:key``. ``settle`` runs untimed
+    before each contender.
     """
     times: dict[str, list[float]] = {}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            if settle:
+                settle()
             start = time.perf_counter()
             extra = fn()
             times.setdefault(name, []).append(time.perf_counter() - start)
@@ -271,7 +274,9 @@ def cold_reads(target: Target, kind: str, work: str, args) -> None:
             took = time.perf_counter() - start
         return {"download_dir": took}
 
-    times = interleaved({"curl": curl, "mount": mount_cold, "download": xnatfs_download, "xnatpy": xnatpy}, args.repeat)
+    # Each contender starts with no dirty pages of the one before: else it pays for the other's writeback.
+    contenders = {"curl": curl, "mount": mount_cold, "download": xnatfs_download, "xnatpy": xnatpy}
+    times = interleaved(contenders, args.repeat, settle=os.sync)
     t_curl, t_cold = med(times, "curl"), med(times, "mount:whole")
     print(f"  [{kind}] times: curl -o {spread(times, 'curl')}; mount cold cat {spread(times, 'mount:whole')}; "
           f"xnatfs download {spread(times, 'download')}; xnatpy download_dir {spread(times, 'xnatpy:download_dir')}",

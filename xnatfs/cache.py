@@ -33,6 +33,7 @@ from xnatfs.cache_entry import (
     FillFunction,
     IncompleteEntry,
 )
+from xnatfs.options import default_cache_dir
 from xnatfs.stats import CacheStats
 
 __all__ = [
@@ -50,12 +51,6 @@ log = logging.getLogger(__name__)
 # An entry used this recently is never evicted: a reader may be about to open it.
 EVICTION_GRACE_SECONDS = 60.0
 TOUCH_INTERVAL = 30.0  # well below EVICTION_GRACE_SECONDS, so an entry in use is never evicted
-
-
-def default_cache_dir() -> str:
-    """Return ``$XDG_CACHE_HOME/xnatfs``, else ``~/.cache/xnatfs``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "xnatfs")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ The value of each option reaches the transport as ``opts[option.dest]`` (``opts[
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,12 @@ TTL = 60.0  # seconds listings and attributes are trusted
 LISTING_JOBS = 6  # listing requests in flight at most
 PREFETCH_JOBS = 4  # downloads in parallel for xnatfs prefetch
 CALLING_AET = "XNATFS"  # our AE title towards a PACS
+
+
+def default_cache_dir() -> str:
+    """Return ``$XDG_CACHE_HOME/xnatfs``, else ``~/.cache/xnatfs``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xnatfs")
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import sys
 import threading
 from typing import Any
 
-from xnatfs.cache import default_cache_dir
 from xnatfs.cli.common import private_cache_and_log, setup_logging
 from xnatfs.exceptions import XnatfsError
+from xnatfs.options import default_cache_dir
 
 
 def add_parser(commands: Any) -> None:

@@ -16,11 +16,10 @@ import sys
 from typing import Any
 
 from xnatfs import options, privacy
-from xnatfs.cache import Cache, default_cache_dir
 from xnatfs.cli.common import default_log_file, one_line, parse_size, private_cache_and_log, setup_logging
 from xnatfs.credentials import resolve_credentials
 from xnatfs.exceptions import XnatfsError
-from xnatfs.options import Option
+from xnatfs.options import Option, default_cache_dir
 from xnatfs.transports import UnknownSchemeError, get_transport, transport_class, transport_classes
 
 log = logging.getLogger("xnatfs")
@@ -191,6 +190,8 @@ def open_transport(source: str, args: argparse.Namespace, cache_dir: str) -> Any
 
     Raises UnknownSchemeError, CredentialsError, or what the transport raises for a bad source.
     """
+    from xnatfs.cache import Cache
+
     cls = transport_class(source)
     opts: dict[str, Any] = {
         "timeout": args.timeout,

@@ -7,9 +7,9 @@ import sys
 from typing import Any
 
 from xnatfs import options
-from xnatfs.cache import default_cache_dir
 from xnatfs.cli.common import parse_size, setup_logging
 from xnatfs.credentials import resolve_credentials
+from xnatfs.options import default_cache_dir
 
 
 def add_parsers(commands: Any) -> None:

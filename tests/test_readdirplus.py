@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from types import SimpleNamespace
 
 from mounting import mounted
 
 from xnatfs.fuse import mfusepy
-from xnatfs.readdirplus import FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, readdir_plus_method
+from xnatfs.readdirplus import FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, readdir_plus_methods
 
 
 def test_entries_with_sizes_go_out_with_attributes_and_a_listing_resumes_where_it_stopped():
@@ -27,9 +28,10 @@ def test_entries_with_sizes_go_out_with_attributes_and_a_listing_resumes_where_i
     operations = SimpleNamespace(readdir=lambda path, fh: calls.append(path) or listing, ttl=0)
     fuse = SimpleNamespace(operations=operations, encoding="utf-8", errors="surrogateescape", use_ns=True)
     fuse._readdir = lambda *args: mfusepy.FUSE._readdir(fuse, *args)  # mfusepy's names-only answer
-    fip = SimpleNamespace(contents=SimpleNamespace(fh=0))
-    readdir = readdir_plus_method(mfusepy, mfusepy.FUSE)
-    assert readdir is not None
+    fip = SimpleNamespace(contents=SimpleNamespace(fh=1))
+    methods = readdir_plus_methods(mfusepy, mfusepy.FUSE)
+    assert methods is not None
+    readdir = methods["readdir_fuse_3"]
     sent = []
 
     def filler(buf, name, st, offset, flags, room):
@@ -52,6 +54,13 @@ def test_entries_with_sizes_go_out_with_attributes_and_a_listing_resumes_where_i
     assert sent[2][3:] == (11, 1234, stat.S_IFREG | 0o444)
     assert sent[3][3:5] == (12, 0)  # name, mode and inode only: the kernel looks it up
     assert sent[4][3:5] == (13, 99)
+    # The kernel's last request of the listing (from past its end) and a plain READDIR of the same handle
+    # are answered from the listing the handle started: one snapshot, built once.
+    assert readdir(fuse, b"/P/files", None, lambda *a: filler(*a, room=100), 5, fip, FUSE_READDIR_PLUS) == 0
+    assert readdir(fuse, b"/P/files", None, lambda *a: filler(*a, room=100), 4, fip, 0) == 0
+    assert calls == ["/P/files"]
+    assert [(name, offset, flags) for name, offset, flags, *_ in sent[5:]] == [("b.dcm", 5, 0)]  # names only
+    del sent[5:]
     # A new listing (offset 0) is built anew.
     assert readdir(fuse, b"/P/files", None, lambda *a: filler(*a, room=100), 0, fip, FUSE_READDIR_PLUS) == 0
     assert calls == ["/P/files", "/P/files"]
@@ -80,3 +89,23 @@ def test_a_listed_folder_tells_the_sizes_and_inodes_a_lookup_would(tmp_path):
             assert listed[name] == (os.stat(folder / name).st_ino, size), name
         for name in list(sizes)[::100]:
             assert (folder / name).read_bytes() == (source / name).read_bytes()
+
+
+def test_one_directory_read_is_one_snapshot_while_the_folder_changes(tmp_path):
+    """A listing read in parts (a reader that takes a few names, then the rest later) gets the folder as it
+    was when the read began, even after the TTL ran out and the folder changed: no name twice, none lost."""
+    source = tmp_path / "source" / "series"
+    source.mkdir(parents=True)
+    names = {f"n{i:04d}-{'y' * 30}" for i in range(1000)}  # many READDIRPLUS answers
+    for name in names:
+        (source / name).write_bytes(b"x")
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(f"file://{source.parent}", str(mnt), str(cache), dict(os.environ), "--ttl", "1"):
+        with os.scandir(mnt / "series") as listing:
+            seen = [next(listing).name for _ in range(50)]
+            for i in range(300):  # names that sort first: a new listing would shift every offset
+                (source / f"a{i:04d}").write_bytes(b"x")
+            time.sleep(1.5)  # the listing's TTL runs out: a new one would show them
+            seen += [entry.name for entry in listing]
+        assert len(seen) == len(set(seen)) == 1000 and set(seen) == names
+        assert len(os.listdir(mnt / "series")) == 1300  # a new read sees the change

@@ -10,6 +10,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import logging
 import os
 import stat
@@ -100,6 +101,7 @@ class Operations(mfusepy.Operations):
         self._files: OrderedDict[tuple[str, str], tuple[io.FileIO, float]] = OrderedDict()
         self._files_lock = threading.Lock()
         self._files_ttl = min(ttl, 30.0)
+        self._dir_handles = itertools.count(1)
         # Identifies this source in inode numbers, so two sources never share one.
         self._ino_salt = str(transport.opts.get("url", transport.name)).encode()
 
@@ -183,6 +185,10 @@ class Operations(mfusepy.Operations):
             if told is not None and size is not None and size < told:
                 return
         self.invalidator.invalidate(path)
+
+    def opendir(self, path: str) -> int:
+        # A number per directory handle: a listing answered in parts is kept under it (xnatfs.readdirplus).
+        return next(self._dir_handles)
 
     @_errors
     def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:

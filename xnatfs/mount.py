@@ -25,7 +25,7 @@ from xnatfs.exceptions import XnatfsError
 from xnatfs.fuse import mfusepy
 from xnatfs.fuse_ops import Operations
 from xnatfs.options import TTL
-from xnatfs.readdirplus import readdir_plus_method
+from xnatfs.readdirplus import readdir_plus_methods
 from xnatfs.transports.base import AbstractTransport
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,8 @@ def fuse_class(base: type) -> type:
         return wrapper(self, func, *args, **kwargs)
 
     methods: dict[str, Any] = {"_wrapper": _wrapper, "__doc__": fuse_class.__doc__}
-    readdir_plus = readdir_plus_method(mfusepy, base)
-    if readdir_plus is not None:
-        methods["readdir_fuse_3"] = readdir_plus  # folders are listed with attributes: see xnatfs.readdirplus
+    # Folders are listed with attributes (see xnatfs.readdirplus), where this mfusepy allows it.
+    methods.update(readdir_plus_methods(mfusepy, base) or {})
     return type(f"Pinned{base.__name__}", (base,), methods)
 
 

@@ -11,6 +11,8 @@ import sys
 import pytest
 from mounting import force_unmount, is_mounted, xnatfs
 
+from xnatfs.mounthelper import split_options, xnatfs_argv
+
 HELPER = os.path.join(os.path.dirname(sys.executable), "mount.xnatfs")
 PASSWORD = "pw-never-in-argv-or-logs"
 
@@ -59,6 +61,14 @@ def test_helper_mounts_with_options_and_a_credentials_file(server_factory, tmp_p
         result.stderr.strip()
         == f"mount.xnatfs: error: credentials file {loose} is readable by others (chmod 600 {loose})"
     )
+
+
+def test_the_login_stays_with_the_helper():
+    """user= and credentials= are read by the helper (the daemon gets them in its environment): neither
+    reaches the daemon's arguments, where --user would override the credentials file's user."""
+    options, fuse = split_options("user=alice,credentials=/etc/creds,ttl=5,allow_other", "https://xnat.example")
+    argv = xnatfs_argv("https://xnat.example", "/mnt/x", options, fuse)
+    assert argv == ["mount", "https://xnat.example", "/mnt/x", "--ttl", "5", "-o", "allow_other"]
 
 
 def test_mount_t_xnatfs_and_an_fstab_line(server, tmp_path):

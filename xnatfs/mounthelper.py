@@ -109,7 +109,7 @@ def xnatfs_argv(source: str, mountpoint: str, options: dict[str, str], fuse: lis
     known = mount_options(source)
     argv = ["mount", source, mountpoint]
     for key, value in options.items():
-        if key in known:
+        if key in known and key not in HELPER_OPTIONS:  # the login is the helper's: XNAT_USER/XNAT_PASS
             flag = known[key].option_strings[-1]
             argv += [flag, value] if known[key].nargs != 0 else [flag]
     if fuse:

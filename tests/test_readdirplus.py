@@ -109,3 +109,15 @@ def test_one_directory_read_is_one_snapshot_while_the_folder_changes(tmp_path):
             seen += [entry.name for entry in listing]
         assert len(seen) == len(set(seen)) == 1000 and set(seen) == names
         assert len(os.listdir(mnt / "series")) == 1300  # a new read sees the change
+
+
+def test_sizes_told_forget_the_least_recently_told_first():
+    """A walk over more files than the table holds must not forget the file being read (a listing or a
+    lookup told its size just before): shrinking it is then told by a short read, never by zeros."""
+    from xnatfs.fuse_ops import ToldSizes
+
+    told = ToldSizes(3)
+    told.tell([("/a", 1), ("/b", 2), ("/c", 3)])
+    told.tell([("/a", 10)])  # told again: now the most recent
+    told.tell([("/d", 4)])
+    assert [told.get(p) for p in ("/a", "/b", "/c", "/d")] == [10, None, 3, 4]

@@ -71,6 +71,33 @@ def _errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class ToldSizes:
+    """The size last told to the kernel per file path, for the most recently told ``limit`` paths.
+
+    Least recently told first out: a file being read was told its size lately (by a listing or a
+    lookup), so a walk over many folders never forgets it (a reset of the whole table did).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def tell(self, sizes: list[tuple[str, int]]) -> None:
+        """Record ``(path, size)`` pairs as told now."""
+        with self._lock:
+            for path, size in sizes:
+                self._sizes[path] = size
+                self._sizes.move_to_end(path)
+            while len(self._sizes) > self._limit:
+                self._sizes.popitem(last=False)
+
+    def get(self, path: str) -> int | None:
+        """Return the size last told for ``path``, or None."""
+        with self._lock:
+            return self._sizes.get(path)
+
+
 class Operations(mfusepy.Operations):
     """Read-only FUSE operations over a transport.
 
@@ -94,7 +121,7 @@ class Operations(mfusepy.Operations):
         self.on_ready: Callable[[], None] | None = None
         self.destroyed = False  # set when libfuse tears the file system down (unmount or signal)
         # The size last told to the kernel, per file path: how a change is to be told (see _on_change).
-        self._told: dict[str, int] = {}
+        self._told = ToldSizes(MAX_TOLD_SIZES)
         self._reading = threading.local()  # the path this thread is answering a read for
         self.invalidator = KernelInvalidator()
         transport.add_change_listener(self._on_change)
@@ -152,9 +179,7 @@ class Operations(mfusepy.Operations):
         if not entry.is_dir:
             if entry.size is None:
                 entry = self._sized(path)
-            if len(self._told) >= MAX_TOLD_SIZES:
-                self._told.clear()
-            self._told[path] = entry.size or 0
+            self._told.tell([(path, entry.size or 0)])
         return self._attrs(entry)
 
     def _sized(self, path: str) -> Entry:
@@ -197,17 +222,16 @@ class Operations(mfusepy.Operations):
         # With use_ino, every entry needs its inode number: readdir(3) skips entries with inode 0.
         here = {"st_mode": stat.S_IFDIR | 0o555, "st_ino": self._ino(self.transport.stat(path))}
         entries = [(".", here, 0), ("..", {"st_mode": stat.S_IFDIR | 0o555, "st_ino": 1}, 0)]
-        listing = self.transport.listdir(path)
-        if len(self._told) + len(listing) >= MAX_TOLD_SIZES:
-            self._told.clear()
         prefix = path.rstrip("/") + "/"
-        for entry in listing:
+        told = []
+        for entry in self.transport.listdir(path):
             if entry.is_dir or entry.size is not None:
                 if not entry.is_dir:
-                    self._told[prefix + entry.name] = entry.size or 0  # as getattr: the kernel is told
+                    told.append((prefix + entry.name, entry.size or 0))  # as getattr: the kernel is told
                 entries.append((entry.name, self._attrs(entry), 0))
             else:
                 entries.append((entry.name, {"st_mode": entry.mode, "st_ino": self._ino(entry)}, 0))
+        self._told.tell(told)
         return entries
 
     @_errors

@@ -19,10 +19,7 @@ def xnat_server():
 @pytest.fixture
 def server(xnat_server):
     """The shared demo server with an empty request log and no faults."""
-    xnat_server.clear_faults()
-    xnat_server.clear_requests()
-    yield xnat_server
-    xnat_server.clear_faults()
+    yield from xnat_server.fresh()
 
 
 @pytest.fixture

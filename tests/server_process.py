@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -94,6 +95,14 @@ class ServerProcess:
 
     def clear_faults(self) -> None:
         self._hook("DELETE", "faults")
+
+    def fresh(self) -> Iterator[ServerProcess]:
+        """The body of a per-test fixture on a shared server: yield it with no faults and an empty request
+        log, then clear the faults a test left."""
+        self.clear_faults()
+        self.clear_requests()
+        yield self
+        self.clear_faults()
 
     def expire_sessions(self) -> None:
         """Invalidate every JSESSIONID (Basic auth keeps working)."""

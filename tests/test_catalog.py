@@ -35,10 +35,7 @@ def tree_server(tmp_path_factory):
 
 @pytest.fixture
 def tree(tree_server):
-    tree_server.clear_faults()
-    tree_server.clear_requests()
-    yield tree_server
-    tree_server.clear_faults()
+    yield from tree_server.fresh()
 
 
 def walk(mountpoint: str) -> list[str]:

@@ -77,10 +77,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def deployed(site):
-    site.clear_faults()
-    site.clear_requests()
-    yield site
-    site.clear_faults()
+    yield from site.fresh()
 
 
 def api_get(server, path: str, auth: bool = True, **params) -> requests.Response:

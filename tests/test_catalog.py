@@ -199,6 +199,12 @@ def test_server_down_mounts_from_the_catalog_serves_cached_data_and_reconnects(t
     assert empty.returncode != 0 and empty.stderr.startswith("xnatfs: error: ")
     assert len(empty.stderr.strip().splitlines()) == 1
     try:
+        # With the catalog to serve from, the mount does not wait out --timeout (default 30 s) first.
+        started = time.monotonic()
+        result = xnatfs("mount", tree.url, mnt, "--cache-dir", cache, "--log-file", log_file, env=env)
+        assert result.returncode == 0 and "offline" in result.stderr, result.stderr
+        assert time.monotonic() - started < 10
+        assert xnatfs("umount", mnt).returncode == 0
         result = xnatfs("mount", tree.url, mnt, "--cache-dir", cache, *args, env=env)
         assert result.returncode == 0, result.stderr
         lines = result.stderr.strip().splitlines()

@@ -108,23 +108,25 @@ class XnatClient:
 
     # -- authentication -------------------------------------------------------------------
 
-    def login(self) -> None:
+    def login(self, within: float | None = None) -> None:
         """Open a session (JSESSIONID cookie) with the credentials.
 
+        ``within``: give up trying to reach the server after about that many seconds (default: the
+        client's ``timeout``); a server that took the request still has ``timeout`` to answer it.
         Raises AuthenticationError when they are refused, ConnectionFailedError when the server
         cannot be reached.
         """
         with self._login_lock:
-            self._login()
+            self._login(within)
 
-    def _login(self) -> None:
+    def _login(self, within: float | None = None) -> None:
         self._http.cookies.clear()
         self._logged_in = False
         if self.user is None:
             return  # anonymous access, where the server allows it
         self._check_not_refused()
         # GET /data/JSESSION with Basic auth works for users and alias tokens alike.
-        response = self._send("GET", "/data/JSESSION", login=True)
+        response = self._send("GET", "/data/JSESSION", login=True, within=within)
         if response.status_code == 401:
             response.close()
             self._refused()
@@ -250,16 +252,19 @@ class XnatClient:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, login: bool = False, **kwargs: Any) -> requests.Response:
-        """Send one request with retries on connection errors and 5xx until the deadline."""
+    def _send(
+        self, method: str, path: str, login: bool = False, within: float | None = None, **kwargs: Any
+    ) -> requests.Response:
+        """Send one request with retries on connection errors and 5xx until the deadline (``within``
+        seconds, default ``timeout``); an answer being read may take ``timeout``."""
         url = self.url + path
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if within is None else within)
         kwargs.setdefault("allow_redirects", True)
         delay = 0.25
         idempotent = method in ("GET", "HEAD", "DELETE", "OPTIONS") or login
         while True:
             remaining = max(deadline - time.monotonic(), 0.5)
-            timeout = (min(remaining, 10.0), self.timeout)
+            timeout = (min(remaining, 10.0), self.timeout)  # connecting is bounded by the deadline, not reading
             try:
                 response = self._http.request(method, url, timeout=timeout, **kwargs)
             except requests.RequestException as error:

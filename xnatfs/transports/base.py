@@ -67,6 +67,8 @@ from xnatfs.transports.listings import DEFAULT_LISTING_JOBS, DOWN_RETRY_SECONDS,
 
 log = logging.getLogger(__name__)
 
+CONNECT_CHECK_SECONDS = 3.0  # how long a mount with a catalog to serve from tries to reach the source
+
 
 class NoOtherInstance(Exception):
     """Raised where a transport allows a single instance and another one exists."""
@@ -184,8 +186,12 @@ class AbstractTransport(ListingCache, ContentCache):
         self._listing_pool.shutdown()
         self._download_pool.shutdown()
 
-    def _check_source(self) -> None:
-        """Check that the source answers (and accepts the credentials); raise the error otherwise."""
+    def _check_source(self, within: float) -> None:
+        """Check that the source answers (and accepts the credentials); raise the error otherwise.
+
+        ``within``: give up reaching the source after about that many seconds (a transport whose
+        check is not bounded by it waits its own ``timeout``).
+        """
         self.listdir("/")
 
     def connect(self) -> str | None:
@@ -203,8 +209,11 @@ class AbstractTransport(ListingCache, ContentCache):
                 where = catalog.directory if catalog is not None else "the cache"
                 raise XnatfsError(f"--offline: no catalog of {self.catalog_scope()} in {where}")
             return None
+        # With a catalog to serve from, a source that cannot be reached is not waited for: the mount
+        # starts offline at once and reconnects by itself (a server that answers slowly is waited for).
+        within = self.timeout if root is None else min(self.timeout, CONNECT_CHECK_SECONDS)
         try:
-            self._check_source()
+            self._check_source(within)
         except (ConnectionError, TimeoutError, ServerError) as error:
             if root is None or (isinstance(error, ServerError) and (error.status or 500) < 500):
                 raise

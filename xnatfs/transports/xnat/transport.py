@@ -74,8 +74,8 @@ class XnatTransport(XnatContent, AbstractTransport):
     def catalog_scope(self) -> str:
         return f"xnat|{self.server_url}|{self.session.user or ''}"
 
-    def _check_source(self) -> None:
-        self.session.login()  # bad credentials or a dead server show here, even with a fresh catalog
+    def _check_source(self, within: float) -> None:
+        self.session.login(within)  # bad credentials or a dead server show here, even with a fresh catalog
         self.listdir("/")
 
     # -- catalog refs ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from server_process import ServerProcess
 from xnatfs.catalog import Catalog
 from xnatfs.server.bench import make_bench_archive
 from xnatfs.transports import get_transport
+from xnatfs.transports.base import CONNECT_CHECK_SECONDS
 
 TREE_FILES = 100  # one per scan
 EXPERIMENTS = 20
@@ -221,6 +222,23 @@ def test_server_down_mounts_from_the_catalog_serves_cached_data_and_reconnects(t
             time.sleep(1)
         assert read.returncode == 0, read.stderr
     finally:
+        xnatfs("umount", mnt)
+        force_unmount(mnt)
+
+
+def test_a_slow_server_is_waited_for_although_the_catalog_could_serve(tree, tmp_path):
+    mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
+    env = credentials_env(tree)
+    walk_and_cache_one_file(tree, mnt, cache, env)
+    # Slower than the ~3 s given to reaching the server, but it took the request: the mount waits, online.
+    tree.set_faults(latency=CONNECT_CHECK_SECONDS + 1)
+    try:
+        started = time.monotonic()
+        result = xnatfs("mount", tree.url, mnt, "--cache-dir", cache, env=env)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert time.monotonic() - started > CONNECT_CHECK_SECONDS
+    finally:
+        tree.clear_faults()
         xnatfs("umount", mnt)
         force_unmount(mnt)
 

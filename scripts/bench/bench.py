@@ -1,14 +1,16 @@
 """xnatfs benchmarks: side by side in one run, against embedded servers; prints a table of ratios.
 
 Usage: scripts/bench/run [--big-mb 200] [--big-files 399] [--tree-files 10000] [--huge-mb 1024] [--repeat 3]
-                         [--only cold,warm,find,rss,experiment] [--profile DIR]
+                         [--only cold,warm,find,rss,experiment] [--profile DIR] [--link-mbit 1000]
 
-Every figure is the median of ``--repeat`` runs, the contenders run alternately (round-robin) so a burst of
-load from another tenant of the machine lands on all of them. The machine is shared: read ratios, not times.
-Two servers serve the same archive: one as XNAT by default (STORED entries, sizes in the local headers) and
-one that sends DEFLATE with data descriptors whatever the client asks (its figures are quoted separately: the
-cost there is inflation). ``--profile DIR`` samples the daemon during three extra cold reads with py-spy and writes
-``DIR/daemon.txt`` (py-spy's collapsed stacks, every thread) and prints the top entries.
+Every figure is the median of ``--repeat`` runs, the contenders run alternately (round-robin) so a burst of load
+from another tenant of the machine lands on all of them. The machine is shared: read ratios, not times. Two servers
+serve the same archive: one as XNAT by default (STORED entries, sizes in the local headers) and one that sends
+DEFLATE with data descriptors whatever the client asks (its figures are quoted separately: the cost there is
+inflation). The STORED cold reads run again with the server paced to ``--link-mbit`` (default 1000: a cluster's
+link), where the network, not the machine's memory and cores, sets the pace. ``--profile DIR`` samples the daemon
+during three extra cold reads with py-spy and writes ``DIR/daemon.txt`` (py-spy's collapsed stacks, every thread)
+and prints the top entries.
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default="cold,warm,find,rss,experiment", help="which parts to run (comma-separated)")
     parser.add_argument("--profile", metavar="DIR", help="sample the daemon with py-spy during extra cold reads")
+    parser.add_argument("--link-mbit", type=int, default=1000,
+                        help="also run the STORED cold reads with the server sending at most this many Mbit/s, as "
+                             "over a cluster's link (0: skip)")  # fmt: skip
     args = parser.parse_args()
     parts = set(args.only.split(","))
 
@@ -186,6 +191,11 @@ def main() -> int:
         if "cold" in parts:
             cold_reads(target, "STORED", work, args)
             cold_reads(Target(deflating, work), "DEFLATE", work, args)
+            if args.link_mbit:
+                # The server's own pacing (test hooks): bodies go out no faster than the link.
+                server.set_faults(throttle=args.link_mbit * 1_000_000 // 8)
+                cold_reads(target, f"STORED@{args.link_mbit}Mbit", work, args)
+                server.clear_faults()
         if args.profile:
             profile_daemon(target, work, args.profile)
         if "warm" in parts:
@@ -274,13 +284,27 @@ def cold_reads(target: Target, kind: str, work: str, args) -> None:
             took = time.perf_counter() - start
         return {"download_dir": took}
 
+    def page_cache() -> None:
+        """Write as many bytes to a new file, 1 MiB at a time: what filling the page cache costs here (on a
+        VM whose host takes back freed memory, the same write takes 0.05 s one time and 0.5 s the next)."""
+        piece = memoryview(os.urandom(1 << 20))
+        with open(os.path.join(work, f"bytes-{next(counter)}"), "wb", buffering=0) as f:
+            for _ in range(target.bytes >> 20):
+                f.write(piece)
+
     # Each contender starts with no dirty pages of the one before: else it pays for the other's writeback.
     contenders = {"curl": curl, "mount": mount_cold, "download": xnatfs_download, "xnatpy": xnatpy}
+    if "@" not in kind:
+        contenders["page_cache"] = page_cache
     times = interleaved(contenders, args.repeat, settle=os.sync)
     t_curl, t_cold = med(times, "curl"), med(times, "mount:whole")
     print(f"  [{kind}] times: curl -o {spread(times, 'curl')}; mount cold cat {spread(times, 'mount:whole')}; "
           f"xnatfs download {spread(times, 'download')}; xnatpy download_dir {spread(times, 'xnatpy:download_dir')}",
           flush=True)  # fmt: skip
+    if "page_cache" in times:
+        # The mount fills two page caches (its cache files', the mount's own), curl and downloads one.
+        print(f"  [{kind}] writing {target.mb:.0f} MB to a new file (no network): {spread(times, 'page_cache')}",
+              flush=True)  # fmt: skip
     row(
         f"[{kind}] cold cat of {len(target.files)} files via a fresh mount / curl -o of the ZIP",
         f"{t_cold / t_curl:.2f}  ({target.mb / t_cold:.0f} vs {target.mb / t_curl:.0f} MB/s)",

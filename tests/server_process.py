@@ -90,7 +90,7 @@ class ServerProcess:
         self._hook("DELETE", "requests")
 
     def set_faults(self, **faults) -> None:
-        """Inject faults: latency, drop_after_bytes, error={status, path, count}, refuse, stall."""
+        """Inject faults: latency, drop_after_bytes, error={status, path, count}, refuse, stall, throttle."""
         self._hook("PUT", "faults", json=faults)
 
     def clear_faults(self) -> None:

@@ -204,7 +204,8 @@ def test_server_down_mounts_from_the_catalog_serves_cached_data_and_reconnects(t
         started = time.monotonic()
         result = xnatfs("mount", tree.url, mnt, "--cache-dir", cache, "--log-file", log_file, env=env)
         assert result.returncode == 0 and "offline" in result.stderr, result.stderr
-        assert time.monotonic() - started < 10
+        took = time.monotonic() - started
+        assert took < 10, took
         assert xnatfs("umount", mnt).returncode == 0
         result = xnatfs("mount", tree.url, mnt, "--cache-dir", cache, *args, env=env)
         assert result.returncode == 0, result.stderr
@@ -236,7 +237,8 @@ def test_a_slow_server_is_waited_for_although_the_catalog_could_serve(tree, tmp_
         started = time.monotonic()
         result = xnatfs("mount", tree.url, mnt, "--cache-dir", cache, env=env)
         assert result.returncode == 0 and result.stderr == "", result.stderr
-        assert time.monotonic() - started > CONNECT_CHECK_SECONDS
+        took = time.monotonic() - started
+        assert took > CONNECT_CHECK_SECONDS, took
     finally:
         tree.clear_faults()
         xnatfs("umount", mnt)

@@ -213,6 +213,29 @@ def test_session_relogs_in_after_expiry_and_retries_5xx(server):
     session.close()
 
 
+def test_login_within_bounds_reaching_the_server_not_reading_its_answer(server):
+    client = XnatClient(server.url, server.user, server.password, timeout=30)
+    try:
+        for faults, error in (({"refuse": True}, ConnectionFailedError),
+                              ({"error": {"status": 503, "path": "JSESSION"}}, ServerError)):  # fmt: skip
+            server.set_faults(**faults)
+            started = time.monotonic()
+            with pytest.raises(error):
+                client.login(within=1)
+            took = time.monotonic() - started
+            assert took < 5, took  # not the client's 30 s
+            server.clear_faults()
+        # A server that took the request is given the whole timeout to answer it.
+        server.set_faults(latency=2)
+        started = time.monotonic()
+        client.login(within=0.5)
+        took = time.monotonic() - started
+        assert took >= 2, took
+    finally:
+        server.clear_faults()
+        client.close()
+
+
 def test_streamed_member_is_identical_and_arrives_before_the_whole_zip(server, tmp_path):
     transport = XnatTransport(opts={"url": server.url, "user": server.user, "password": server.password,
                                     "cache": Cache(str(tmp_path / "cache")), "timeout": 20})  # fmt: skip

@@ -173,7 +173,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default="cold,warm,find,rss,experiment", help="which parts to run (comma-separated)")
     parser.add_argument("--profile", metavar="DIR", help="sample the daemon with py-spy during extra cold reads")
-    parser.add_argument("--link-mbit", type=int, default=1000,
+    parser.add_argument("--link-mbit", type=lambda text: max(int(text), 0), default=1000,
                         help="also run the STORED cold reads with the server sending at most this many Mbit/s, as "
                              "over a cluster's link (0: skip)")  # fmt: skip
     args = parser.parse_args()
@@ -189,13 +189,15 @@ def main() -> int:
     try:
         target = Target(server, work)
         if "cold" in parts:
-            cold_reads(target, "STORED", work, args)
+            cold_reads(target, "STORED", work, args, page_cache=True)
             cold_reads(Target(deflating, work), "DEFLATE", work, args)
             if args.link_mbit:
                 # The server's own pacing (test hooks): bodies go out no faster than the link.
                 server.set_faults(throttle=args.link_mbit * 1_000_000 // 8)
-                cold_reads(target, f"STORED@{args.link_mbit}Mbit", work, args)
-                server.clear_faults()
+                try:
+                    cold_reads(target, f"STORED@{args.link_mbit}Mbit", work, args)
+                finally:
+                    server.clear_faults()
         if args.profile:
             profile_daemon(target, work, args.profile)
         if "warm" in parts:
@@ -232,12 +234,13 @@ class Target:
         self.mb = self.bytes / 1e6
 
 
-def cold_reads(target: Target, kind: str, work: str, args) -> None:
-    """curl -o, cold cat through a fresh mount, xnatfs download, xnatpy download_dir: one after the other."""
+def cold_reads(target: Target, kind: str, work: str, args, page_cache: bool = False) -> None:
+    """curl -o, cold cat through a fresh mount, xnatfs download, xnatpy download_dir: one after the other.
+    With ``page_cache``, also the time to write as many bytes to a new file (no network)."""
     server = target.server
     print(f"[{kind}] big resource: {target.folder} ({len(target.files)} files, {target.mb:.0f} MB)", flush=True)
     mnt = os.path.join(work, "mnt")
-    zip_path = os.path.join(work, "big.zip")
+    zip_path = os.path.join(work, f"big-{kind}.zip")
     counter = iter(range(10**6))
 
     # Nothing is deleted until the end: ext4 skips recently freed inodes when it allocates new ones, which
@@ -284,18 +287,19 @@ def cold_reads(target: Target, kind: str, work: str, args) -> None:
             took = time.perf_counter() - start
         return {"download_dir": took}
 
-    def page_cache() -> None:
+    def write_new_file() -> None:
         """Write as many bytes to a new file, 1 MiB at a time: what filling the page cache costs here (on a
         VM whose host takes back freed memory, the same write takes 0.05 s one time and 0.5 s the next)."""
         piece = memoryview(os.urandom(1 << 20))
-        with open(os.path.join(work, f"bytes-{next(counter)}"), "wb", buffering=0) as f:
-            for _ in range(target.bytes >> 20):
+        # Kept to the end like the others' files: memory freed now would be handed, still warm, to the next.
+        with open(os.path.join(work, f"bytes-{kind}-{next(counter)}"), "wb", buffering=0) as f:
+            for _ in range(-(-target.bytes // len(piece))):
                 f.write(piece)
 
     # Each contender starts with no dirty pages of the one before: else it pays for the other's writeback.
     contenders = {"curl": curl, "mount": mount_cold, "download": xnatfs_download, "xnatpy": xnatpy}
-    if "@" not in kind:
-        contenders["page_cache"] = page_cache
+    if page_cache:
+        contenders["page_cache"] = write_new_file
     times = interleaved(contenders, args.repeat, settle=os.sync)
     t_curl, t_cold = med(times, "curl"), med(times, "mount:whole")
     print(f"  [{kind}] times: curl -o {spread(times, 'curl')}; mount cold cat {spread(times, 'mount:whole')}; "

@@ -186,11 +186,13 @@ class AbstractTransport(ListingCache, ContentCache):
         self._listing_pool.shutdown()
         self._download_pool.shutdown()
 
-    def _check_source(self, within: float) -> None:
+    def _check_source(self, within: float | None = None) -> None:
         """Check that the source answers (and accepts the credentials); raise the error otherwise.
 
-        ``within``: give up reaching the source after about that many seconds (a transport whose
-        check is not bounded by it waits its own ``timeout``).
+        ``within``: give up reaching the source after about that many seconds (None: ``timeout``).
+        This base check lists the root: with a catalog that answers at once (and the source is asked
+        again in the background), so it never waits; a transport that must reach its source (a login)
+        overrides it and bounds that by ``within``.
         """
         self.listdir("/")
 

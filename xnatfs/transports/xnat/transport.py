@@ -74,7 +74,7 @@ class XnatTransport(XnatContent, AbstractTransport):
     def catalog_scope(self) -> str:
         return f"xnat|{self.server_url}|{self.session.user or ''}"
 
-    def _check_source(self, within: float) -> None:
+    def _check_source(self, within: float | None = None) -> None:
         self.session.login(within)  # bad credentials or a dead server show here, even with a fresh catalog
         self.listdir("/")
 

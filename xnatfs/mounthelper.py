@@ -14,6 +14,7 @@ background), or exits non-zero with one line.
 from __future__ import annotations
 
 import argparse
+import functools
 import netrc
 import os
 import stat
@@ -35,8 +36,10 @@ class HelperError(XnatfsError):
     """Bad options or credentials for mount.xnatfs."""
 
 
+@functools.lru_cache(maxsize=8)
 def mount_options(source: str) -> dict[str, argparse.Action]:
-    """Return the options ``xnatfs mount SOURCE`` takes (its transport's included), by their fstab name."""
+    """Return the options ``xnatfs mount SOURCE`` takes (its transport's included), by their fstab name.
+    Built once per source (splitting the options and writing the daemon's argv both ask)."""
     from xnatfs.cli.mount import add_parsers
 
     commands = argparse.ArgumentParser().add_subparsers()

@@ -56,8 +56,9 @@ BUILT_IN_SCHEMES = {
 }
 BUILT_IN = tuple(dict.fromkeys(BUILT_IN_SCHEMES.values()))
 _LAZY = {target.rpartition(":")[2]: target for target in BUILT_IN}
-_BASE_NAMES = ("AbstractTransport", "AssociationFailed", "AssociationNotEstablished", "Entry", "NoOtherInstance")
-_LAZY.update({name: f"xnatfs.transports.base:{name}" for name in (*_BASE_NAMES, "RootIsNotDirectory", "Unit")})
+_BASE_NAMES = ("AbstractTransport", "AssociationFailed", "AssociationNotEstablished", "Entry", "NoOtherInstance",
+               "RootIsNotDirectory", "Unit")  # fmt: skip
+_LAZY.update({name: f"xnatfs.transports.base:{name}" for name in _BASE_NAMES})
 
 
 def __getattr__(name: str) -> Any:
